@@ -1,0 +1,3 @@
+from asyncraft.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Composition root: ``async main(settings) -> exit status`` for ``asyncraft run``.
+
+Order of start-up: lock the state dir, check its configuration, recover, start the writer, then
+the scheduler. Order of shutdown: stop feeding, let calls in flight finish within the grace
+period, then the writer commits what it holds, compacts a snapshot and exits last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import orjson
+
+from asyncraft import __version__, store
+from asyncraft.config import Settings, fingerprint_settings
+from asyncraft.errors import ConfigError, DiskFull, FsyncFailed, JournalError, StateMismatch
+from asyncraft.failpoints import Failpoints
+from asyncraft.jobs.base import Job, Task
+from asyncraft.journal import Journal
+from asyncraft.limits import Limits
+from asyncraft.provider import Provider
+from asyncraft.scheduler import Scheduler
+
+log = logging.getLogger("asyncraft")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_IOERR = 74
+EXIT_TEMPFAIL = 75  # stopped before the end; run the same command again to continue
+
+
+def make_job(settings: Settings) -> Job:
+    if settings.job == "prompts":
+        from asyncraft.jobs.prompts import PromptsJob
+
+        path = Path(settings.input)
+        if not path.is_file():
+            raise ConfigError(f"--input {settings.input}: no such file (the prompts job reads a JSONL file)")
+        return PromptsJob(path, model=settings.model, extra_body=settings.extra_body)
+    raise ConfigError(f"job {settings.job!r} is not available in this version")
+
+
+def check_state(sd: store.StateDir, job: Job, settings: Settings) -> dict[str, Any]:
+    """Bind the state dir to the job's configuration; refuse a silent change of model or parameters."""
+    fingerprint = {**job.fingerprint(), **fingerprint_settings(settings)}
+    meta = sd.read_meta()
+    now = time.time()
+    if meta is None:
+        meta = {"format": 1, "job": job.name, "fingerprint": fingerprint, "input": str(Path(settings.input).resolve()),
+                "created": now, "history": []}
+        sd.write_meta(meta)
+        return meta
+    if meta.get("job") != job.name:
+        raise StateMismatch(f"{sd.root} holds a {meta.get('job')!r} job; this run is {job.name!r}. "
+                            "Use another --state-dir.")
+    old = meta.get("fingerprint", {})
+    if old != fingerprint:
+        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+        if not settings.allow_config_change:
+            raise StateMismatch(
+                f"{sd.root} was made with other generation settings ({detail}). Resuming would mix outputs of "
+                "two configurations. Pass --allow-config-change (ASYNCRAFT_ALLOW_CONFIG_CHANGE=1) to go on "
+                "with the new settings (identical requests are still not paid twice), or use a new --state-dir.")
+        meta.setdefault("history", []).append({"changed": now, "fingerprint": old})
+        meta["fingerprint"] = fingerprint
+        log.warning("configuration changed (%s); continuing as asked", detail)
+    new_input = str(Path(settings.input).resolve())
+    if meta.get("input") != new_input:
+        log.warning("input path changed from %s to %s (tasks are matched by content)", meta.get("input"), new_input)
+        meta["input"] = new_input
+    sd.write_meta(meta)
+    return meta
+
+
+class Runner:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sd = store.StateDir(settings.state_dir)
+        self.failpoints = Failpoints(settings.failpoints)
+        self.scheduler: Scheduler | None = None
+        self.journal: Journal | None = None
+        self._signals = 0
+        self._grace_handle: asyncio.TimerHandle | None = None
+
+    async def main(self) -> int:
+        s = self.settings
+        job = make_job(s)
+        self.sd.create_dirs()
+        lock_fd = self.sd.lock()
+        try:
+            check_state(self.sd, job, s)
+            t0 = time.perf_counter()
+            problems: list[dict[str, Any]] = []
+
+            def wants(kind: str, stage: str) -> bool:
+                return kind in ("ierr", "fail") or job.wants(kind, stage)
+
+            def on_payload(rec: dict[str, Any]) -> None:
+                if rec.get("k") in ("ierr", "fail"):
+                    problems.append(_problem_line(rec))
+                if job.wants(rec.get("k", ""), rec.get("stage") or ""):
+                    job.replay(rec)
+
+            recovered = await asyncio.to_thread(store.recover, self.sd, repair=True, salvage=s.salvage,
+                                                wants=wants, on_payload=on_payload)
+            # errors.jsonl is a view for people, rebuilt from the journal at every start.
+            store.write_atomic(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in problems))
+            for note in recovered.notes:
+                log.warning("recovery: %s", note)
+            log.info("recovered %d done, %d failed up to seq %d in %.2fs", len(recovered.done),
+                     len(recovered.failed), recovered.next_seq - 1, time.perf_counter() - t0)
+            return await self._run(job, recovered)
+        finally:
+            os.close(lock_fd)
+
+    async def _run(self, job: Job, recovered: store.Recovered) -> int:
+        s = self.settings
+        limits = Limits(s.rpm, s.tpm)
+        journal = Journal(self.sd, recovered, fsync=s.fsync, fsync_interval=s.fsync_interval,
+                          segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
+                          disk_full_wait=s.disk_full_wait, failpoints=self.failpoints,
+                          on_error=self._journal_failed)
+        self.journal = journal
+        provider = Provider(s.base_url[0], api_key=s.api_key, api_type=s.resolved_api_type(),
+                            api_version=s.api_version, concurrency=s.concurrency,
+                            request_timeout=s.request_timeout, connect_timeout=s.connect_timeout,
+                            on_rate_info=limits.observe)
+
+        async def call(task: Task, beat: Any) -> Any:
+            if task.endpoint == "embed":
+                return await provider.embed(task.body, beat)
+            return await provider.chat(task.body, beat)
+
+        sched = Scheduler(job, journal, call, limits, recovered, concurrency=s.concurrency,
+                          stall_timeout=s.stall_timeout, max_retries=s.max_retries, backoff_base=s.backoff_base,
+                          backoff_max=s.backoff_max, output_estimate=s.output_tokens_estimate,
+                          retry_failed=s.retry_failed, api_key=s.api_key, on_problem=self._append_error)
+        self.scheduler = sched
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        writer = asyncio.create_task(journal.run(), name="journal-writer")
+        reporter = asyncio.create_task(self._report(sched, journal), name="progress")
+        started = time.time()
+        try:
+            async with provider:
+                await sched.run()
+        finally:
+            reporter.cancel()
+            if self._grace_handle is not None:
+                self._grace_handle.cancel()
+            if journal.error is None:
+                await journal.close()
+            try:
+                await writer
+            except JournalError:
+                pass
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        self._write_status(sched, journal, final=True)
+        return self._verdict(sched, journal, time.time() - started)
+
+    def _verdict(self, sched: Scheduler, journal: Journal, elapsed: float) -> int:
+        st = sched.stats
+        summary = (f"{len(sched.done)} done, {len(sched.failed)} failed, {st.input_problems} input problems; "
+                   f"this run: {st.done} done in {elapsed:.1f}s, {st.calls.total()} calls, "
+                   f"{st.prompt_tokens}+{st.completion_tokens} tokens")
+        if journal.error is not None:
+            err = journal.error
+            log.error("%s", err)
+            log.error("stopped: %s", summary)
+            if isinstance(err, DiskFull):
+                log.error("free some space and run the same command again; nothing acknowledged was lost")
+                return EXIT_TEMPFAIL
+            return EXIT_IOERR if isinstance(err, FsyncFailed | JournalError) else EXIT_TEMPFAIL
+        if sched.fatal is not None:
+            log.error("stopped: %s", sched.fatal)
+            log.error("%s. Nothing is lost: fix the cause and run the same command again.", summary)
+            return EXIT_TEMPFAIL
+        if sched.stopping is not None:
+            log.warning("stopped (%s): %s. Run the same command again to continue.", sched.stopping, summary)
+            return EXIT_TEMPFAIL
+        if st.gave_up:
+            log.warning("%d task(s) still failing after %d retries (server errors or timeouts); they are not "
+                        "marked failed. %s. Run again to retry them.", st.gave_up, self.settings.max_retries, summary)
+            return EXIT_TEMPFAIL
+        log.info("finished: %s", summary)
+        log.info("export with: python -m asyncraft export --state-dir %s --format %s --out results.jsonl",
+                 self.settings.state_dir, self.settings.job)
+        return EXIT_OK
+
+    async def _append_error(self, rec: dict[str, Any]) -> None:
+        async with aiofiles.open(self.sd.errors_path, "ab") as fh:
+            await fh.write(orjson.dumps(_problem_line(rec)) + b"\n")
+
+    def _journal_failed(self, exc: BaseException) -> None:
+        if self.scheduler is not None:
+            self.scheduler.fatal_error(exc)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        name = signal.Signals(sig).name
+        if self._signals > 1:
+            # The journal is append-only and checksummed: stopping mid-write leaves at worst a torn
+            # last record, which recovery truncates. Nothing acknowledged can be lost.
+            sys.stderr.write(f"asyncraft: second {name}: exiting now\n")
+            sys.stderr.flush()
+            os._exit(EXIT_TEMPFAIL)
+        sched = self.scheduler
+        if sched is None:
+            return
+        grace = self.settings.grace
+        log.warning("%s: finishing %d call(s) in flight (up to %gs; a second signal exits at once)", name,
+                    len(sched.inflight), grace)
+        sched.request_stop(f"{name} received")
+        self._grace_handle = asyncio.get_running_loop().call_later(grace, sched.interrupt_inflight)
+
+    async def _report(self, sched: Scheduler, journal: Journal) -> None:
+        interval = self.settings.progress_interval
+        last_done, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            rate = (sched.stats.done - last_done) / max(1e-9, now - last_t)
+            last_done, last_t = sched.stats.done, now
+            status = self._write_status(sched, journal, rate=rate)
+            if self.settings.log_format == "json":
+                sys.stderr.write(orjson.dumps({"event": "progress", **status}).decode() + "\n")
+            else:
+                total = status["total"] if status["total"] is not None else "?"
+                sys.stderr.write(
+                    f"asyncraft: {status['done']}/{total} done, {status['failed']} failed, "
+                    f"{status['in_flight']} in flight, {rate:.1f}/s, tokens {status['prompt_tokens']}+"
+                    f"{status['completion_tokens']}" + (", cooling down after 429" if status["cooling_down"] else "")
+                    + "\n")
+            sys.stderr.flush()
+
+    def _write_status(self, sched: Scheduler, journal: Journal, *, rate: float = 0.0,
+                      final: bool = False) -> dict[str, Any]:
+        st = sched.stats
+        total = sched.input_total
+        if total is not None:
+            total = max(total, len(sched.done) + len(sched.failed))
+        status = {
+            "pid": os.getpid(), "version": __version__, "job": self.settings.job, "updated": time.time(),
+            "started": st.started, "running": not final, "total": total, "done": len(sched.done),
+            "failed": len(sched.failed),
+            "pending": (total - len(sched.done) - len(sched.failed)) if total is not None else None,
+            "in_flight": len(sched.inflight), "queued": sched.queue.qsize(), "input_problems": st.input_problems,
+            "rate_per_s": round(rate, 2), "calls": dict(st.calls), "retries": st.retries, "gave_up": st.gave_up,
+            "prompt_tokens": st.prompt_tokens, "completion_tokens": st.completion_tokens,
+            "cooling_down": sched.limits.cooling_down() if not final else False,
+            "journal_seq": journal.next_seq - 1, "stopping": sched.stopping,
+        }
+        try:
+            store.write_atomic(self.sd.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2), durable=False)
+        except OSError as exc:
+            log.debug("cannot write status.json: %s", exc)
+        return status
+
+
+def _problem_line(rec: dict[str, Any]) -> dict[str, Any]:
+    """errors.jsonl line for an input problem or a failed task."""
+    keep = ("k", "key", "line", "custom_id", "path", "id", "stage", "msg", "error", "text", "seq")
+    return {k: rec[k] for k in keep if k in rec}
+
+
+async def main(settings: Settings) -> int:
+    return await Runner(settings).main()

@@ -1,0 +1,163 @@
+"""``python -m asyncraft``: argparse subcommands -> Settings -> app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from asyncraft import __version__, config, store
+from asyncraft.errors import AsyncraftError, ConfigError, CorruptRecord, JournalError, StateMismatch
+
+EPILOG = """\
+Every option also reads ASYNCRAFT_<NAME> from the environment (flag > environment > default);
+the API key comes from ASYNCRAFT_API_KEY or OPENAI_API_KEY (or a file named by ASYNCRAFT_API_KEY_FILE).
+
+examples:
+  python -m asyncraft demo
+  python -m asyncraft simulate --port 8000 --latency-ms 500 &
+  ASYNCRAFT_BASE_URL=http://127.0.0.1:8000/v1 ASYNCRAFT_MODEL=sim-1 \\
+      python -m asyncraft run --job prompts --input requests.jsonl --state-dir state/
+  python -m asyncraft status --state-dir state/ --json
+  python -m asyncraft tail -f --state-dir state/
+  python -m asyncraft export --state-dir state/ --format prompts --out results.jsonl
+
+exit status: 0 finished; 75 stopped before the end (signal, fatal API error, disk full, retries
+left) - run the same command again to continue; 2 bad configuration; 1 damaged state; 74 I/O error.
+"""
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return orjson.dumps({"t": round(record.created, 3), "level": record.levelname.lower(),
+                             "logger": record.name, "msg": record.getMessage()}).decode()
+
+
+def _setup_logging(fmt: str, verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter("asyncraft: %(message)s"))
+    root = logging.getLogger("asyncraft")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncraft", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Generate RAFT and prompt datasets through OpenAI-compatible APIs at high concurrency; "
+                    "kill it at any moment and run it again - finished calls are never paid twice.")
+    parser.add_argument("--version", action="version", version=f"asyncraft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        config.add_arguments(p, name)
+        return p
+
+    run = add("run", "run a job (resumes the state dir if it exists)")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    st = add("status", "counts of a state dir (live numbers while a run is going)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    tl = add("tail", "print journal records readably; -f follows new ones")
+    tl.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    tl.add_argument("-n", "--lines", type=int, default=10, help="records to show first (default 10)")
+    tl.add_argument("--json", action="store_true", help="raw JSON records")
+    ex = add("export", "write results as .jsonl or .parquet")
+    ex.add_argument("--format", required=True, choices=["prompts", "raft", "chat", "completion", "eval"],
+                    help="output layout")
+    ex.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
+    add("verify", "check every checksum of the journal, runs and snapshots; exit 1 on damage")
+    demo = add("demo", "run a job end to end against the built-in simulator")
+    demo.add_argument("--dir", default=None, help="where to keep the demo's files (default: a temp dir)")
+    sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator",
+                         description="An OpenAI-compatible server with deterministic answers, latency, faults "
+                                     "and rate limits (env ASYNCRAFT_SIM_<NAME>).")
+    try:
+        from asyncraft import simulate
+        simulate.add_arguments(sim)
+    except ImportError:  # TEMP until simulate lands
+        pass
+    return parser
+
+
+def _flags(ns: argparse.Namespace) -> dict[str, str]:
+    return {o.name: getattr(ns, o.name) for o in config.OPTIONS if hasattr(ns, o.name)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cmd = ns.command
+    try:
+        if cmd == "simulate":
+            from asyncraft import simulate
+
+            return simulate.main(ns)
+        settings = config.load(cmd, _flags(ns))
+        _setup_logging(settings.log_format, getattr(ns, "verbose", False))
+        if cmd == "run":
+            from asyncraft import app
+
+            return asyncio.run(app.main(settings))
+        if cmd == "demo":
+            from asyncraft import demo
+
+            return demo.main(settings, ns.dir)
+        return _offline(cmd, ns, settings)
+    except (ConfigError, StateMismatch) as exc:
+        print(f"asyncraft: error: {exc}", file=sys.stderr)
+        return 2
+    except CorruptRecord as exc:
+        print(f"asyncraft: {exc}", file=sys.stderr)
+        return 1
+    except JournalError as exc:
+        print(f"asyncraft: {exc}", file=sys.stderr)
+        return 1
+    except AsyncraftError as exc:
+        print(f"asyncraft: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int:
+    from asyncraft import inspect
+
+    sd = store.StateDir(settings.state_dir)
+    if cmd == "status":
+        st = inspect.status(sd)
+        print(orjson.dumps(st).decode() if ns.json else inspect.format_status(st))
+        return 0
+    if cmd == "tail":
+        try:
+            return inspect.tail(sd, lines=ns.lines, follow=ns.follow, raw=ns.json)
+        except KeyboardInterrupt:
+            return 0
+    if cmd == "verify":
+        findings = inspect.verify(sd)
+        for f in findings:
+            print(str(f))
+        damaged = [f for f in findings if f.damage]
+        print(f"verify: {'DAMAGED' if damaged else 'ok'} ({len(damaged)} damaged position(s), "
+              f"{len(findings) - len(damaged)} note(s))")
+        return 1 if damaged else 0
+    if cmd == "export":
+        from asyncraft import export
+
+        t0 = time.perf_counter()
+        counts = export.export(sd, ns.format, Path(ns.out), input_override=settings.input or None)
+        total = sum(counts.values())
+        detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        print(f"wrote {total} rows to {ns.out} ({detail}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        return 0
+    raise ConfigError(f"unknown command {cmd}")

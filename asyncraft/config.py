@@ -1,0 +1,319 @@
+"""Settings: every option is a flag and an ``ASYNCRAFT_*`` variable; flag > environment > default.
+
+This module is the only reader of ``os.environ`` for settings. Every option is declared once in
+``OPTIONS``; the CLI flags, the environment names, validation and the README table all come from
+that one list, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from asyncraft.errors import ConfigError
+
+ENV_PREFIX = "ASYNCRAFT_"
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
+
+
+def _number(kind: type, minimum: float | None = None, maximum: float | None = None) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"must be >= {minimum:g}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be <= {maximum:g}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _json_object(raw: str) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"must be a JSON object ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object such as {\"temperature\": 0.2}")
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _url_list(raw: str) -> tuple[str, ...]:
+    urls = tuple(u.strip().rstrip("/") for u in raw.replace(",", " ").split() if u.strip())
+    if not urls:
+        raise ValueError("must name at least one URL")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} must start with http:// or https://")
+    return urls
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # Settings field; flag is --name-with-dashes; env is ASYNCRAFT_NAME
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    commands: tuple[str, ...] = ("run",)
+    flag: bool = True  # False: environment only (secrets, test hooks)
+    metavar: str | None = None
+    is_bool: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_STATEFUL = ("run", "status", "tail", "export", "verify")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("state_dir", _text, "asyncraft-state", "directory holding the journal, snapshots and errors",
+           commands=_STATEFUL, metavar="DIR"),
+    Option("input", _text, "", "input: a JSONL file of chat requests (prompts job) or a file/folder of documents "
+           "(raft job); export re-reads it for input order", commands=("run", "export"), metavar="PATH"),
+    Option("job", _choice("prompts", "raft"), "prompts", "which job to run: prompts (JSONL of chat requests "
+           "in, one completion per line out) or raft", metavar="JOB"),
+    Option("base_url", _url_list, ("https://api.openai.com/v1",), "OpenAI-compatible base URL, e.g. "
+           "http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp) or an Azure deployment URL", metavar="URL"),
+    Option("model", _optional_text, None, "model name sent with every request (overrides the model in "
+           "input lines); required unless every input line names one", metavar="NAME"),
+    Option("api_type", _choice("auto", "openai", "azure"), "auto", "auth style: openai (Authorization: Bearer) "
+           "or azure (api-key header + api-version); auto picks azure for *.azure.com hosts", metavar="TYPE"),
+    Option("api_version", _optional_text, None, "Azure api-version query parameter, e.g. 2024-10-21",
+           metavar="VER"),
+    Option("extra_body", _json_object, {}, "JSON object merged into every request body, overriding the same "
+           "keys of input lines, e.g. '{\"temperature\": 0}'", metavar="JSON"),
+    Option("concurrency", _number(int, 1, 100_000), 64, "API calls in flight at most", metavar="N"),
+    Option("rpm", _number(float, 0), 0.0, "client requests/minute limit, paced evenly (0 = none; the server's "
+           "x-ratelimit headers still apply)", metavar="N"),
+    Option("tpm", _number(float, 0), 0.0, "client tokens/minute limit, prompt estimate + max_tokens counted "
+           "before the call, corrected from usage after (0 = none)", metavar="N"),
+    Option("request_timeout", _number(float, 0.1), 600.0, "seconds one API call may take in total",
+           metavar="S"),
+    Option("connect_timeout", _number(float, 0.1), 10.0, "seconds to open a connection", metavar="S"),
+    Option("stall_timeout", _number(float, 0.1), 120.0, "the watchdog cancels and retries a call that shows no "
+           "progress (connection, headers, body bytes) for this many seconds", metavar="S"),
+    Option("max_retries", _number(int, 0, 1000), 8, "retries of one call on 429/5xx/timeouts before it is "
+           "left for the next run (never recorded as failed)", metavar="N"),
+    Option("backoff_base", _number(float, 0.0), 1.0, "first retry delay in seconds (exponential, full jitter)",
+           metavar="S"),
+    Option("backoff_max", _number(float, 0.0), 60.0, "longest retry delay in seconds", metavar="S"),
+    Option("fsync", _choice("always", "batch", "off"), "batch", "journal durability: always = fsync before "
+           "every acknowledgement with no added delay; batch = group commit, waiting at most --fsync-interval "
+           "to gather records; off = no fsync (survives kill -9, not power loss)", metavar="POLICY"),
+    Option("fsync_interval", _number(float, 0.0, 10.0), 0.005, "seconds the batch policy may wait to gather "
+           "records into one fsync", metavar="S"),
+    Option("segment_mb", _number(float, 0.001), 64.0, "journal segment size before rotation (MiB)",
+           metavar="MB"),
+    Option("snapshot_every", _number(int, 1), 100_000, "compact a snapshot after this many journal records",
+           metavar="N"),
+    Option("grace", _number(float, 0.0), 30.0, "seconds in-flight calls may finish after SIGINT/SIGTERM "
+           "(a second signal exits at once)", metavar="S"),
+    Option("disk_full_wait", _number(float, 0.0), 60.0, "seconds to keep retrying journal writes on a full "
+           "disk before stopping (exit 75)", metavar="S"),
+    Option("output_tokens_estimate", _number(int, 1), 256, "expected completion tokens for a request without "
+           "max_tokens, used by --tpm until real usage is seen", metavar="N"),
+    Option("retry_failed", _parse_bool, False, "retry tasks recorded as failed (400s, unparsable answers)",
+           is_bool=True),
+    Option("allow_config_change", _parse_bool, False, "resume a state dir whose job was created with another "
+           "model or parameters (finished results are kept; changed requests get new ids)", is_bool=True),
+    Option("salvage", _parse_bool, False, "set damaged journal records aside (state/damaged/) and redo their "
+           "tasks instead of refusing to resume", is_bool=True),
+    Option("log_format", _choice("text", "json"), "text", "progress and log lines as text or JSON",
+           commands=("run", "demo"), metavar="FMT"),
+    Option("progress_interval", _number(float, 0.1), 5.0, "seconds between progress lines",
+           commands=("run", "demo"), metavar="S"),
+    Option("failpoints", _text, "", "test hook: comma-separated failpoints (name[=action][@hit])",
+           flag=False),
+)
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. The API key is excluded from repr and from the fingerprint."""
+
+    state_dir: str = "asyncraft-state"
+    input: str = ""
+    job: str = "prompts"
+    base_url: tuple[str, ...] = ("https://api.openai.com/v1",)
+    model: str | None = None
+    api_type: str = "auto"
+    api_version: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    concurrency: int = 64
+    rpm: float = 0.0
+    tpm: float = 0.0
+    request_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    stall_timeout: float = 120.0
+    max_retries: int = 8
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    fsync: str = "batch"
+    fsync_interval: float = 0.005
+    segment_mb: float = 64.0
+    snapshot_every: int = 100_000
+    grace: float = 30.0
+    disk_full_wait: float = 60.0
+    output_tokens_estimate: int = 256
+    retry_failed: bool = False
+    allow_config_change: bool = False
+    salvage: bool = False
+    log_format: str = "text"
+    progress_interval: float = 5.0
+    failpoints: str = ""
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    def resolved_api_type(self) -> str:
+        if self.api_type != "auto":
+            return self.api_type
+        return "azure" if any(".azure.com" in u or ".azure-api.net" in u for u in self.base_url) else "openai"
+
+
+def _read_api_key(env: Mapping[str, str]) -> str | None:
+    for name in ("ASYNCRAFT_API_KEY", "OPENAI_API_KEY"):
+        if env.get(name, "").strip():
+            return env[name].strip()
+    key_file = env.get("ASYNCRAFT_API_KEY_FILE", "").strip()
+    if key_file:
+        try:
+            return Path(key_file).read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ConfigError(f"ASYNCRAFT_API_KEY_FILE: cannot read {key_file}: {exc.strerror}") from None
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the flags of ``command``; defaults are SUPPRESSed so we can tell a given flag from a default."""
+    for opt in OPTIONS:
+        if command not in opt.commands or not opt.flag:
+            continue
+        help_text = f"{opt.help} [env {opt.env}; default {_show_default(opt.default)}]"
+        if opt.is_bool:
+            parser.add_argument(opt.flag_name, dest=opt.name, action="store_const", const="1",
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(opt.flag_name, dest=opt.name, default=argparse.SUPPRESS,
+                                metavar=opt.metavar, help=help_text)
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, dict):
+        return orjson.dumps(value).decode()
+    if value is None:
+        return "none"
+    if value == "":
+        return "empty"
+    return str(value)
+
+
+def load(command: str, flags: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+         **overrides: Any) -> Settings:
+    """Build Settings for ``command`` from flags (raw strings), environment and defaults."""
+    env = os.environ if env is None else env
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        if opt.name in flags:
+            raw, source = flags[opt.name], opt.flag_name
+        elif opt.env in env:
+            raw, source = env[opt.env], opt.env
+        else:
+            continue
+        try:
+            values[opt.name] = opt.parse(str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"{source} {exc} (got {str(raw)!r})") from None
+    values.update(overrides)
+    if command in ("run", "demo"):
+        values["api_key"] = _read_api_key(env)
+    settings = Settings(**values)
+    _check(settings, command)
+    return settings
+
+
+def _check(s: Settings, command: str) -> None:
+    if command == "run":
+        if not s.input:
+            raise ConfigError("--input (ASYNCRAFT_INPUT) is required: the file or folder to generate from")
+        if s.backoff_max < s.backoff_base:
+            raise ConfigError("ASYNCRAFT_BACKOFF_MAX must be >= ASYNCRAFT_BACKOFF_BASE")
+        if s.resolved_api_type() == "azure" and not s.api_version:
+            raise ConfigError("ASYNCRAFT_API_VERSION is required for Azure OpenAI (e.g. 2024-10-21)")
+
+
+def fingerprint_settings(s: Settings) -> dict[str, Any]:
+    """The settings that change what is generated (not how fast or where): stored in the state dir."""
+    return {"job": s.job, "model": s.model, "extra_body": s.extra_body}
+
+
+def as_public_dict(s: Settings) -> dict[str, Any]:
+    """Settings without secrets, for logs and the state dir."""
+    out = dataclasses.asdict(s)
+    out.pop("api_key", None)
+    out["api_key_set"] = s.api_key is not None
+    return out
+
+
+def env_table() -> str:
+    """Markdown table of every variable, for the README (a test keeps the README in sync)."""
+    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for opt in OPTIONS:
+        flag = opt.flag_name if opt.flag else "(env only)"
+        rows.append(f"| `{opt.env}` | `{flag}` | `{_show_default(opt.default)}` | {opt.help} |")
+    rows.append("| `ASYNCRAFT_API_KEY` / `OPENAI_API_KEY` | (env only) | none | API key; never written anywhere |")
+    rows.append("| `ASYNCRAFT_API_KEY_FILE` | (env only) | none | file holding the API key (Docker secrets) |")
+    return "\n".join(rows)

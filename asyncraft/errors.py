@@ -1,0 +1,95 @@
+"""The exception tree. Third-party errors are translated into these at the boundary."""
+
+from __future__ import annotations
+
+
+class AsyncraftError(Exception):
+    """Root of every error asyncraft raises on purpose."""
+
+
+class ConfigError(AsyncraftError):
+    """A setting is missing or invalid; reported as one line, exit status 2."""
+
+
+class InputError(AsyncraftError):
+    """One input item (line, document) cannot be used; recorded and skipped."""
+
+
+class ProviderError(AsyncraftError):
+    """The API answered with an error or could not be reached."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.type = type
+        self.retry_after = retry_after
+
+
+class RateLimited(ProviderError):
+    """429 that will clear with time."""
+
+
+class QuotaExhausted(ProviderError):
+    """429 insufficient_quota: retrying only burns time; the run must stop."""
+
+
+class AuthError(ProviderError):
+    """401/403: the key or its permissions are wrong."""
+
+
+class NotFound(ProviderError):
+    """404: unknown model or wrong base URL."""
+
+
+class BadRequest(ProviderError):
+    """400/413/422: this request will never succeed as it is."""
+
+
+class ServerError(ProviderError):
+    """5xx."""
+
+
+class ProviderTimeout(ProviderError):
+    """The call took too long or stalled (no heartbeat)."""
+
+
+class ConnectionFailed(ProviderError):
+    """The connection could not be made or was reset."""
+
+
+class BadResponse(ProviderError):
+    """The server answered 200 with a body that is not a chat completion."""
+
+
+class JournalError(AsyncraftError):
+    """The state directory cannot be written or read safely."""
+
+
+class CorruptRecord(JournalError):
+    """A record in the middle of the journal or a run fails its checksum."""
+
+    def __init__(self, message: str, *, path: str, offset: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+class DiskFull(JournalError):
+    """ENOSPC while appending; nothing was acknowledged past the last good commit."""
+
+
+class FsyncFailed(JournalError):
+    """fsync/fdatasync failed: the kernel may have dropped dirty pages; exit now."""
+
+
+class StateMismatch(AsyncraftError):
+    """The state dir belongs to a different job configuration."""

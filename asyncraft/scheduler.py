@@ -1,0 +1,385 @@
+"""The scheduler: a lazy feeder, a bounded queue, N worker coroutines and a watchdog.
+
+The feeder reads the job's input on a thread in small batches (a million-line file is never held
+in memory), skips tasks that are done, and fills a bounded queue; children of finished tasks go
+first. Each worker takes a task, waits for the rate limits, makes the call under a heartbeat that
+the watchdog checks, hands the result to the journal and waits for it to be on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncraft.errors import JournalError, ProviderError, ProviderTimeout, RateLimited
+from asyncraft.jobs.base import InputProblem, Job, Outcome, Task
+from asyncraft.journal import Journal
+from asyncraft.limits import Limits, estimate_request_tokens
+from asyncraft.provider import Completion
+from asyncraft.records import content_id, id_key, scrub
+from asyncraft.retry import Action, backoff, classify
+from asyncraft.store import Recovered
+
+log = logging.getLogger("asyncraft")
+
+FEED_BATCH = 512
+
+
+class _Interrupted(Exception):
+    """A call was cancelled because the grace period after a stop signal ran out."""
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    task_id: str
+    started: float
+    last_beat: float
+    future: asyncio.Future[Any] | None = None
+    stalled: bool = False
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    done: int = 0  # this run
+    failed: int = 0
+    attempts: int = 0  # paid answers the job rejected and retried
+    calls: Counter[str] = field(default_factory=Counter)  # by outcome: ok, 429, 5xx, timeout, ...
+    retries: int = 0
+    gave_up: int = 0  # transient failures past max_retries: left for the next run
+    input_problems: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+
+
+class Scheduler:
+    def __init__(self, job: Job, journal: Journal, call: Callable[[Task, Callable[[], None]], Any],
+                 limits: Limits, recovered: Recovered, *, concurrency: int, stall_timeout: float,
+                 max_retries: int, backoff_base: float, backoff_max: float, output_estimate: int,
+                 retry_failed: bool = False, api_key: str | None = None,
+                 on_problem: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
+        self.job = job
+        self.journal = journal
+        self._call_api = call
+        self.limits = limits
+        self.done = recovered.done
+        self.failed = recovered.failed if not retry_failed else set()
+        self._input_errors = recovered.input_errors
+        self._attempts = recovered.attempts
+        self.concurrency = concurrency
+        self.stall_timeout = stall_timeout
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.output_estimate = output_estimate
+        self._key = api_key
+        self._on_problem = on_problem
+        self.queue: asyncio.Queue[Task | None] = asyncio.Queue(maxsize=max(concurrency, 256))
+        self.children: deque[Task] = deque(job.recovered_children(self.done, self.failed))
+        self._queued: set[int] = set()
+        self.active = 0
+        self.inflight: dict[int, _Call] = {}
+        self._wake = asyncio.Event()
+        self.stopping: str | None = None  # why we stop early, if we do
+        self.fatal: BaseException | None = None
+        self.input_total: int | None = None
+        self.input_read = False
+        self.stats = Stats()
+        self._rng = random.Random()
+        self._finished = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._limit_waiters: set[asyncio.Task[Any]] = set()
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self.stopping is None:
+            self.stopping = reason
+            log.warning("stopping: %s", reason)
+        self._stop_event.set()
+        self._wake.set()
+        # Workers still waiting for the rate limiter have not called anyone yet: end them now.
+        for waiter in list(self._limit_waiters):
+            waiter.cancel()
+        # Tasks still queued are not started; they run on the next start.
+        while not self.queue.empty():
+            task = self.queue.get_nowait()
+            if task is not None:
+                self._release(task)
+        for _ in range(self.concurrency):
+            try:
+                self.queue.put_nowait(None)
+            except asyncio.QueueFull:
+                break
+
+    def interrupt_inflight(self) -> None:
+        """Grace is over: cancel calls still in flight (they were not journaled; they will be redone)."""
+        for call in list(self.inflight.values()):
+            if call.future is not None:
+                call.future.cancel()
+
+    def fatal_error(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+        self.request_stop(str(exc))
+
+    @property
+    def complete(self) -> bool:
+        return self.input_read and self.active == 0 and not self.children and self.stopping is None
+
+    # -- main --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            watchdog = tg.create_task(self._watchdog(), name="watchdog")
+            workers = [tg.create_task(self._worker(), name=f"worker-{i}") for i in range(self.concurrency)]
+            feeder = tg.create_task(self._feed(), name="feeder")
+            await asyncio.wait([feeder, *workers])
+            self._finished.set()
+            watchdog.cancel()
+
+    async def _feed(self) -> None:
+        roots = self.job.roots()
+        lines_ok = 0
+        exhausted = False
+        while self.stopping is None:
+            while self.children and self.stopping is None:
+                await self._enqueue(self.children.popleft())
+            if not exhausted:
+                batch = await asyncio.to_thread(_take, roots, FEED_BATCH)
+                if not batch:
+                    exhausted = True
+                    await self._input_finished(lines_ok)
+                    continue
+                for item in batch:
+                    if self.stopping is not None:
+                        break
+                    if isinstance(item, InputProblem):
+                        await self._record_problem(item)
+                    else:
+                        lines_ok += 1
+                        await self._enqueue(item)
+                continue
+            if self.active == 0 and not self.children:
+                break
+            self._wake.clear()
+            if self.active == 0 and not self.children:
+                break
+            await self._wake.wait()
+        self.request_stop_workers()
+
+    def request_stop_workers(self) -> None:
+        for _ in range(self.concurrency):
+            try:
+                self.queue.put_nowait(None)
+            except asyncio.QueueFull:
+                break
+
+    async def _input_finished(self, lines_ok: int) -> None:
+        self.input_read = True
+        # Every unique task of the input is now done, failed, or queued/in flight.
+        self.input_total = len(self.done) + len(self.failed) + self.active
+        await self.journal.append({"k": "input", "total": self.input_total, "task_lines": lines_ok,
+                                   "problems": self.stats.input_problems, "t": time.time()})
+
+    async def _enqueue(self, task: Task) -> None:
+        key = id_key(task.id)
+        if key in self.done or key in self.failed or key in self._queued:
+            return
+        if task.attempt == 0 and self._attempts.get(key):
+            task = self._resume_attempts(task, self._attempts[key])
+        self._queued.add(key)
+        self.active += 1
+        await self.queue.put(task)
+
+    def _resume_attempts(self, task: Task, paid: int) -> Task:
+        # The job may vary the request per attempt; ask it for the next one after those already paid.
+        retry = getattr(self.job, "retry_task", None)
+        return retry(task, paid) if retry is not None else task
+
+    def _release(self, task: Task) -> None:
+        self._queued.discard(id_key(task.id))
+        self.active -= 1
+        if self.active == 0 or self.children:
+            self._wake.set()
+
+    async def _record_problem(self, problem: InputProblem) -> None:
+        self.stats.input_problems += 1
+        pid = content_id("ierr", problem.key)
+        key = id_key(pid)
+        if key in self._input_errors:
+            return
+        self._input_errors.add(key)
+        log.warning("input problem: %s", problem.message)
+        await self._append_problem({"k": "ierr", "id": pid, "key": problem.key, "msg": problem.message,
+                                    **problem.detail})
+
+    # -- workers -----------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            task = await self.queue.get()
+            if task is None:
+                return
+            try:
+                if self.stopping is None:
+                    await self._process(task)
+            except _Interrupted:
+                pass
+            except JournalError as exc:
+                self.fatal_error(exc)
+            finally:
+                self._release(task)
+
+    async def _process(self, task: Task) -> None:
+        attempt = 0
+        while self.stopping is None:
+            estimate = estimate_request_tokens(task.body, self.output_estimate)
+            me = asyncio.current_task()
+            assert me is not None
+            self._limit_waiters.add(me)
+            try:
+                await self.limits.acquire(estimate)
+            finally:
+                self._limit_waiters.discard(me)
+            if self.stopping is not None:
+                return
+            try:
+                completion = await self._call(task)
+            except ProviderError as exc:
+                self.stats.calls[_outcome_name(exc)] += 1
+                action = classify(exc)
+                if action is Action.FATAL:
+                    self.fatal_error(exc)
+                    return
+                if action is Action.FAIL_TASK:
+                    await self._record_fail(task, exc)
+                    return
+                attempt += 1
+                if isinstance(exc, RateLimited):
+                    self.limits.cooldown(exc.retry_after if exc.retry_after is not None else
+                                         backoff(attempt, base=self.backoff_base, cap=self.backoff_max,
+                                                 rng=self._rng))
+                if attempt > self.max_retries:
+                    self.stats.gave_up += 1
+                    log.warning("giving up on %s for this run after %d tries: %s", task.id[:12], attempt, exc)
+                    return
+                self.stats.retries += 1
+                delay = backoff(attempt, base=self.backoff_base, cap=self.backoff_max,
+                                retry_after=exc.retry_after, rng=self._rng)
+                await self._pause(delay)
+                continue
+            self.stats.calls["ok"] += 1
+            usage = completion.usage or {}
+            actual = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
+            self.stats.prompt_tokens += int(usage.get("prompt_tokens", 0))
+            self.stats.completion_tokens += int(usage.get("completion_tokens", 0))
+            outcome = self.job.handle(task, completion)
+            nxt = await self._record(task, completion, outcome)
+            if nxt is None:
+                await self.limits.correct(estimate, actual)
+                return
+            task = nxt
+            attempt = 0
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep for a retry, but wake at once if the run is stopping."""
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), delay)
+        except TimeoutError:
+            pass
+
+    async def _call(self, task: Task) -> Completion:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        call = _Call(task.id, now, now)
+
+        def beat() -> None:
+            call.last_beat = loop.time()
+
+        fut = asyncio.ensure_future(self._call_api(task, beat))
+        call.future = fut
+        self.inflight[id(call)] = call
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait({fut})
+        finally:
+            if not fut.done():
+                fut.cancel()  # we ourselves are being cancelled: do not leave the call behind
+            del self.inflight[id(call)]
+        if fut.cancelled():
+            if call.stalled:
+                raise ProviderTimeout(f"call stalled: no progress for {self.stall_timeout:g}s (watchdog)")
+            raise _Interrupted()
+        result: Completion = fut.result()
+        self.stats.latencies.append(time.perf_counter() - t0)
+        return result
+
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = max(0.02, min(1.0, self.stall_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            deadline = loop.time() - self.stall_timeout
+            for call in list(self.inflight.values()):
+                if call.last_beat < deadline and call.future is not None and not call.future.done():
+                    call.stalled = True
+                    call.future.cancel()
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    async def _record(self, task: Task, completion: Completion, outcome: Outcome) -> Task | None:
+        usage = completion.usage
+        base = {"id": task.id, "stage": task.stage, **task.meta}
+        if outcome.retry is not None:
+            self.stats.attempts += 1
+            await self.journal.append({"k": "attempt", **base, "n": task.attempt + 1, "why": outcome.retry_reason,
+                                       "message": completion.message, "usage": usage})
+            return outcome.retry
+        if outcome.fail is not None:
+            await self._append_problem({"k": "fail", **base, "error": {"type": "job", "message": outcome.fail},
+                                        "message": completion.message, "usage": usage})
+            self.failed.add(id_key(task.id))
+            self.stats.failed += 1
+            return None
+        await self.journal.append({"k": "done", **base, **(outcome.result or {}), "usage": usage})
+        self.done.add(id_key(task.id))
+        self.stats.done += 1
+        if outcome.children:
+            self.children.extend(outcome.children)
+            self._wake.set()
+        return None
+
+    async def _append_problem(self, rec: dict[str, Any]) -> None:
+        await self.journal.append(rec)
+        if self._on_problem is not None:
+            await self._on_problem(rec)
+
+    async def _record_fail(self, task: Task, exc: ProviderError) -> None:
+        error = {"type": type(exc).__name__, "status": exc.status, "code": exc.code,
+                 "message": scrub(str(exc), self._key)}
+        await self._append_problem({"k": "fail", "id": task.id, "stage": task.stage, **task.meta, "error": error})
+        self.failed.add(id_key(task.id))
+        self.stats.failed += 1
+
+
+def _take(it: Iterator[Any], n: int) -> list[Any]:
+    out = []
+    for item in it:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _outcome_name(exc: ProviderError) -> str:
+    if exc.status:
+        return str(exc.status)
+    return type(exc).__name__
