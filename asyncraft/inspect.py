@@ -151,13 +151,12 @@ def verify(sd: store.StateDir) -> list[Finding]:
     """Check every record checksum, sequence continuity, run indexes and snapshots."""
     _require(sd)
     found: list[Finding] = []
-    manifests = sd.manifests()
     newest_ok = None
-    for seq, path in manifests:
-        m = store._read_manifest(path)
+    for seq, path in sd.manifests():
+        m = store.read_manifest(path)
         if m is None or m.get("seq") != seq:
-            found.append(Finding(str(path), 0, "snapshot manifest is damaged (an older one will be used)",
-                                 damage=newest_ok is None and path == manifests[0][1] and len(manifests) == 1))
+            found.append(Finding(str(path), 0, "snapshot manifest is damaged (recovery uses an older one and "
+                                 "the runs after it)"))
         elif newest_ok is None:
             newest_ok = m
     expected = 1
@@ -195,7 +194,7 @@ def verify(sd: store.StateDir) -> list[Finding]:
 
 
 def _valid_records(data: bytes) -> Iterator[dict[str, Any]]:
-    for pos, end in store._iter_lines(data):
+    for pos, end in store.iter_lines(data):
         rec = records.decode(data[pos:end])
         if rec is not None:
             yield rec
@@ -205,7 +204,7 @@ def _check_lines(path: Path, data: bytes, expected: int | None, *, final: bool) 
     out: list[Finding] = []
     bad: list[int] = []
     prev = None
-    for pos, end in store._iter_lines(data):
+    for pos, end in store.iter_lines(data):
         rec = records.decode(data[pos:end]) if data[end - 1 : end] == b"\n" else None
         if rec is None:
             bad.append(pos)

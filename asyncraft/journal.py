@@ -153,16 +153,23 @@ class Journal:
         sync = self._policy != "off"
         deadline = time.monotonic() + self._disk_full_wait
         delay = 0.5
-        while True:
-            try:
-                elapsed = await loop.run_in_executor(self._io, self._write, data, sync)
-                break
-            except DiskFull as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, delay)
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 10.0)
+        try:
+            while True:
+                try:
+                    elapsed = await loop.run_in_executor(self._io, self._write, data, sync)
+                    break
+                except DiskFull as exc:
+                    if time.monotonic() >= deadline:
+                        raise
+                    log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, delay)
+                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(delay * 2, 10.0)
+        except BaseException as exc:
+            err = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}")
+            for _rec, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            raise
         self.last_fsync_seconds = elapsed
         self.next_seq = seq
         self._since_snapshot += len(batch)

@@ -298,7 +298,7 @@ PayloadHook = Callable[[dict[str, Any]], None]
 WantsHook = Callable[[str, str], bool]
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         rec = records.decode(path.read_bytes())
     except FileNotFoundError:
@@ -316,15 +316,18 @@ def recover(sd: StateDir, *, repair: bool, salvage: bool = False, wants: WantsHo
     if repair:
         for p in sd.remove_temp_files():
             out.notes.append(f"removed leftover temp file {p}")
+        _repair_indexes(sd, out)
     manifest = None
     for seq, path in sd.manifests():
-        m = _read_manifest(path)
+        m = read_manifest(path)
         if m is not None and m.get("seq") == seq and all(
             load_run(sd.runs / (stem + ".jsonl"), check_data=False) is not None for stem in m["runs"]
         ):
             manifest = m
             break
         out.notes.append(f"snapshot {path.name} is damaged or incomplete; using an older one")
+        if repair:
+            path.unlink()  # useless, and it would shadow the next good snapshot of the same seq
     covered = 0
     chosen: list[tuple[str, Path]] = []
     if manifest is not None:
@@ -338,6 +341,8 @@ def recover(sd: StateDir, *, repair: bool, salvage: bool = False, wants: WantsHo
             covered = last
             out.notes.append(f"using run {path.name} not yet named by a snapshot")
     for stem, path in chosen:
+        if salvage and repair and load_run(path, check_data=True) is None:
+            _salvage_run(sd, path, out)
         _replay_run(sd, stem, path, out, check_data=check_data, wants=wants, on_payload=on_payload)
     out.manifest_seq = covered
     if repair:
@@ -345,6 +350,19 @@ def recover(sd: StateDir, *, repair: bool, salvage: bool = False, wants: WantsHo
     out.next_seq = covered + 1
     _replay_journal(sd, out, covered, repair=repair, salvage=salvage, wants=wants, on_payload=on_payload)
     return out
+
+
+def _repair_indexes(sd: StateDir, out: Recovered) -> None:
+    """An index is derived data: rebuild a missing or damaged one from a run whose records are intact."""
+    for first, last, path in sd.run_files():
+        if load_run(path, check_data=False) is not None:
+            continue
+        try:
+            ix = build_index(path.read_bytes(), first, last, str(path))
+        except CorruptRecord:
+            continue  # damaged data: recovery reports it (or --salvage handles it)
+        write_atomic(path.with_suffix(".idx"), encode_index(ix))
+        out.notes.append(f"rebuilt the index of run {path.name}")
 
 
 def _replay_run(sd: StateDir, stem: str, path: Path, out: Recovered, *, check_data: bool,
@@ -387,15 +405,16 @@ def _note_meta(out: Recovered, rec: dict[str, Any]) -> None:
 
 
 def _remove_orphan_runs(sd: StateDir, used: set[str], covered: int) -> None:
+    in_journal = {first for first, _ in sd.segments()}
     for first, _last, path in sd.run_files():
-        if path.stem not in used and first > covered:
+        if path.stem not in used and first > covered and first in in_journal:
             # A compaction that crashed before its index was complete; the journal still has the data.
             for p in (path, path.with_suffix(".idx")):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 
 
-def _iter_lines(data: bytes, start: int = 0) -> Iterator[tuple[int, int]]:
+def iter_lines(data: bytes, start: int = 0) -> Iterator[tuple[int, int]]:
     pos = start
     n = len(data)
     while pos < n:
@@ -406,7 +425,7 @@ def _iter_lines(data: bytes, start: int = 0) -> Iterator[tuple[int, int]]:
 
 
 def _next_valid(data: bytes, start: int) -> tuple[int, dict[str, Any]] | None:
-    for pos, end in _iter_lines(data, start):
+    for pos, end in iter_lines(data, start):
         rec = records.decode(data[pos:end]) if data[end - 1 : end] == b"\n" else None
         if rec is not None and isinstance(rec.get("seq"), int):
             return pos, rec
@@ -458,6 +477,11 @@ def _replay_journal(sd: StateDir, out: Recovered, covered: int, *, repair: bool,
             kept.append((first, path))
         elif repair:
             path.unlink()  # an empty last segment; the writer starts a fresh one at next_seq
+    if repair and kept:
+        # The last segment may hold records that reached the page cache but not the disk (a kill
+        # between write and fsync): make them durable before anything newer is written after them.
+        with open(kept[-1][1], "rb+") as fh:
+            os.fsync(fh.fileno())
     out.segments = kept
     out.next_seq = expected
 
@@ -518,6 +542,27 @@ def _salvage(sd: StateDir, path: Path, data: bytes, bad_at: int, nxt: tuple[int,
     out.notes.append(f"salvaged {end - bad_at} damaged bytes at {path}:{bad_at} -> {aside}; "
                      f"{max(0, resume_seq - expected)} record(s) lost, their tasks will be redone")
     return new
+
+
+def _salvage_run(sd: StateDir, path: Path, out: Recovered) -> None:
+    """Keep a damaged run's valid records, set the rest aside, and re-index it."""
+    first, _, last = path.stem.partition("-")
+    data = path.read_bytes()
+    good, lost = [], 0
+    sd.damaged.mkdir(exist_ok=True)
+    for pos, end in iter_lines(data):
+        line = data[pos:end]
+        if records.decode(line) is not None and line.endswith(b"\n"):
+            good.append(line)
+        else:
+            lost += 1
+            write_atomic(sd.damaged / f"{path.name}.{pos}.bin", line)
+    new = b"".join(good)
+    write_atomic(path.with_name(path.name + ".new"), new)
+    os.replace(path.with_name(path.name + ".new"), path)
+    write_atomic(path.with_suffix(".idx"), encode_index(build_index(new, int(first), int(last), str(path))))
+    out.notes.append(f"salvaged run {path.name}: {lost} damaged record(s) set aside in {sd.damaged}; "
+                     "their tasks will be redone")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -581,7 +626,7 @@ def iter_records(sd: StateDir, *, after_seq: int = 0) -> Iterator[tuple[dict[str
     covered = 0
     manifest = None
     for seq, path in sd.manifests():
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         if manifest is not None and manifest.get("seq") == seq:
             break
         manifest = None
@@ -605,7 +650,7 @@ def iter_records(sd: StateDir, *, after_seq: int = 0) -> Iterator[tuple[dict[str
             data = path.read_bytes()
         except FileNotFoundError:
             continue
-        for pos, end in _iter_lines(data):
+        for pos, end in iter_lines(data):
             rec = records.decode(data[pos:end])
             if rec is not None and rec.get("seq", 0) > after_seq:
                 yield rec, Located(path, pos)
@@ -614,7 +659,7 @@ def iter_records(sd: StateDir, *, after_seq: int = 0) -> Iterator[tuple[dict[str
             data = path.read_bytes()
         except FileNotFoundError:
             continue  # compacted and released while we were reading; its run was listed above
-        for pos, end in _iter_lines(data):
+        for pos, end in iter_lines(data):
             rec = records.decode(data[pos:end])
             if rec is None:
                 continue

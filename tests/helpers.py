@@ -1,0 +1,60 @@
+"""Test helpers that are not fixtures: the simulator subprocess and state inspection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SimProcess:
+    """``python -m asyncraft simulate`` in a subprocess; it outlives the client processes we kill."""
+
+    def __init__(self, proc: subprocess.Popen[str], base_url: str) -> None:
+        self.proc = proc
+        self.base_url = base_url
+        self.root = base_url[: -len("/v1")]
+
+    def _post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        req = urllib.request.Request(self.root + path, data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            data = resp.read()
+        return json.loads(data) if data else None
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.root + "/_sim/stats", timeout=10) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    def reconfigure(self, **fields: Any) -> None:
+        self._post("/_sim/config", fields)
+
+    def reset(self) -> None:
+        self._post("/_sim/reset")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_simulator(*args: str) -> SimProcess:
+    proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "simulate", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"simulator did not start: {line!r}")
+    return SimProcess(proc, line.rsplit(" ", 1)[-1].strip())
