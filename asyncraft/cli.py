@@ -80,11 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator",
                          description="An OpenAI-compatible server with deterministic answers, latency, faults "
                                      "and rate limits (env ASYNCRAFT_SIM_<NAME>).")
-    try:
-        from asyncraft import simulate
-        simulate.add_arguments(sim)
-    except ImportError:  # TEMP until simulate lands
-        pass
+    from asyncraft import simulate
+
+    simulate.add_arguments(sim)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ class SimProcess:
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.root + "/_sim/stats", timeout=10) as resp:
             return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    def settled_stats(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Counters once no request is in flight: a killed client's last calls still finish (and are
+        billed) on the server after the client is gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            if st["in_flight"] == 0 or time.monotonic() > deadline:
+                return st
+            time.sleep(0.01)
 
     def reconfigure(self, **fields: Any) -> None:
         self._post("/_sim/config", fields)

@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tests.helpers import ROOT, SimProcess, start_simulator
 SIM_ARGS = ("--latency-ms", "15", "--latency-dist", "lognormal", "--p-429", "0.03", "--p-500", "0.03",
             "--p-malformed", "0.01", "--p-reset", "0.01", "--fault-retry-after", "0.05", "--seed", "3")
 CONCURRENCY = 8
+KILLS = 20
 
 
 def hash_of_task(input_path: Path) -> dict[int, str]:
@@ -57,11 +59,13 @@ class PaidLedger:
     def __init__(self, sim: SimProcess, task_hash: dict[int, str]) -> None:
         self.sim = sim
         self.task_hash = task_hash
-        self.paid: Counter[str] = Counter(sim.stats()["paid_by_hash"])
+        sim.settled_stats()
+        sim.reset()  # a new state dir pays for everything again; count this test's calls only
+        self.paid: Counter[str] = Counter()
         self.repeats = 0
 
     def check_run(self, durable_before: set[str], limit: int) -> None:
-        now = Counter(self.sim.stats()["paid_by_hash"])
+        now = Counter(self.sim.settled_stats()["paid_by_hash"])
         delta = now - self.paid
         repeated = [h for h in delta if self.paid[h] > 0]
         for h in repeated:
@@ -100,6 +104,27 @@ def start_run(inp: Path, state: Path, env: dict[str, str]) -> subprocess.Popen[b
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def kill_after(proc: subprocess.Popen[bytes], sim: SimProcess, rng: random.Random) -> bool:
+    """Kill ``proc`` at a random moment: mostly after a random number of new paid calls (so the
+    moments spread over the whole job on a fast or a slow machine), sometimes during start-up and
+    recovery. Returns False if the process ended on its own first."""
+    if rng.random() < 0.2:
+        try:
+            proc.wait(timeout=rng.uniform(0.0, 0.4))
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        target = sim.stats()["paid"] + rng.randint(1, 30)
+        while sim.stats()["paid"] < target:
+            if proc.poll() is not None:
+                return False
+            time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    return True
+
+
 def test_kill9_at_random_moments_then_resume(crash_sim: SimProcess, reference: tuple[Path, bytes],
                                              tmp_path: Path) -> None:
     inp, expected = reference
@@ -113,22 +138,20 @@ def test_kill9_at_random_moments_then_resume(crash_sim: SimProcess, reference: t
     while True:
         durable = durable_hashes(state, task_hash)
         proc = start_run(inp, state, env)
-        if kills < 20:
-            try:
-                proc.wait(timeout=rng.uniform(0.35, 0.9))  # the kill lands at a random moment of the run
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                kills += 1
-                ledger.check_run(durable, CONCURRENCY)
-                continue
-        else:
-            proc.wait(timeout=120)
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert proc.stderr is not None
+        if kills < KILLS and kill_after(proc, crash_sim, rng):
+            proc.stderr.close()
+            kills += 1
+            ledger.check_run(durable, CONCURRENCY)
+            continue
+        proc.wait(timeout=120)
+        stderr = proc.stderr.read().decode()
+        proc.stderr.close()
         assert proc.returncode == 0, stderr
         ledger.check_run(durable, CONCURRENCY)
         break
-    assert kills >= 20, f"the job finished after {kills} kills; give it more work"
+    assert kills >= KILLS, f"the job finished after {kills} kills; give it more work"
+    assert ledger.repeats > 0, "no kill landed while calls were in flight; the test did not test much"
     got = export_bytes(state, env, tmp_path)
     assert got == expected
     lines = [orjson.loads(x) for x in got.splitlines()]

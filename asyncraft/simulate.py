@@ -1,0 +1,530 @@
+"""``asyncraft simulate``: a built-in OpenAI-compatible server for tests, benchmarks and the demo.
+
+It serves ``/v1/chat/completions`` (also streamed), ``/v1/embeddings`` and ``/v1/models`` with
+deterministic content (a function of the request body only, so two simulators give the same
+answers), a latency distribution, injected faults (429 with Retry-After, 500/503, hangs,
+connection resets, malformed bodies), optional key check, unknown-model 404s, an exhaustible
+quota, and server-side requests/tokens-per-minute limits that send the real ``x-ratelimit-*``
+headers. ``/_sim/stats``, ``/_sim/config`` and ``/_sim/reset`` let tests count and steer it.
+
+"Paid" calls are the ones a real provider would bill: a complete 200 answer was sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from asyncraft import simcontent
+
+ENV_PREFIX = "ASYNCRAFT_SIM_"
+
+
+def body_hash(body: Any) -> str:
+    """The identity of a request body (key order ignored); the client computes the same."""
+    return hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+@dataclass
+class SimConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    latency_ms: float = 0.0  # median (lognormal), mean (exponential) or fixed value
+    latency_dist: str = "fixed"  # fixed | uniform (0..2x) | lognormal | exponential
+    latency_sigma: float = 0.5  # lognormal shape
+    p_429: float = 0.0
+    p_500: float = 0.0
+    p_503: float = 0.0
+    p_hang: float = 0.0
+    p_reset: float = 0.0
+    p_malformed: float = 0.0
+    fault_retry_after: float = 1.0  # seconds sent in Retry-After with injected 429/503
+    hang_seconds: float = 3600.0
+    rpm: float = 0.0  # server-side requests/minute (0 = unlimited)
+    tpm: float = 0.0  # server-side tokens/minute (0 = unlimited)
+    limit_window: float = 1.0  # the limits are enforced per window of this many seconds (as OpenAI quantizes)
+    api_key: str = ""  # when set, requests must carry it (Bearer or api-key header) or get 401
+    models: str = ""  # comma-separated known models; empty = any model
+    quota_calls: int = 0  # after this many paid calls, 429 insufficient_quota (0 = never)
+    embedding_dim: int = 64
+    seed: int = 0
+
+
+_HELP = {
+    "host": "address to bind (keep 127.0.0.1 unless you mean it)",
+    "port": "port (0 = any free port; the chosen URL is printed)",
+    "latency_ms": "latency in ms: the median (lognormal), mean (exponential/uniform) or exact value (fixed)",
+    "latency_dist": "latency distribution: fixed, uniform, lognormal or exponential",
+    "latency_sigma": "shape of the lognormal distribution",
+    "p_429": "probability of an injected 429 rate_limit_exceeded (with Retry-After)",
+    "p_500": "probability of an injected 500",
+    "p_503": "probability of an injected 503 (with Retry-After)",
+    "p_hang": "probability that a request is accepted and never answered",
+    "p_reset": "probability that the connection is reset without an answer",
+    "p_malformed": "probability of a 200 answer whose body is not valid JSON",
+    "fault_retry_after": "seconds sent in Retry-After with injected 429/503",
+    "hang_seconds": "how long a hung request is held before the connection is dropped",
+    "rpm": "server-side requests/minute limit with x-ratelimit headers (0 = none)",
+    "tpm": "server-side tokens/minute limit with x-ratelimit headers (0 = none)",
+    "limit_window": "the per-minute limits are enforced per window of this many seconds, as real APIs do",
+    "api_key": "require this API key (401 otherwise); empty = accept any",
+    "models": "comma-separated model names that exist (404 model_not_found for others); empty = any",
+    "quota_calls": "after this many paid calls answer 429 insufficient_quota (0 = never)",
+    "embedding_dim": "dimension of /v1/embeddings vectors",
+    "seed": "seed of the fault and latency random generator",
+}
+
+
+class _Window:
+    """A limit enforced per window: ``per_minute * window / 60`` units fit in any window."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp", "per_minute")
+
+    def __init__(self, per_minute: float, window: float) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * window)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, n: float) -> bool:
+        self._refill()
+        if self.level >= min(n, self.capacity):
+            self.level -= n
+            return True
+        return False
+
+    def reset_in(self) -> float:
+        """Seconds until the window is full again."""
+        return max(0.0, (self.capacity - self.level) / self.rate) if self.rate else 0.0
+
+    def wait_for(self, n: float) -> float:
+        return max(0.001, (min(n, self.capacity) - self.level) / self.rate) if self.rate else 0.0
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: 1s, 6m0s, 120ms."""
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    return f"{int(minutes)}m{secs:.3g}s" if minutes else f"{secs:.3g}s"
+
+
+@dataclass
+class SimStats:
+    requests: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    paid: int = 0
+    paid_by_hash: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    embeddings: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "by_status": dict(self.by_status), "faults": dict(self.faults),
+                "paid": self.paid, "paid_by_hash": dict(self.paid_by_hash), "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight, "embeddings": self.embeddings}
+
+
+def _error(status: int, message: str, etype: str, code: str | None, headers: dict[str, str] | None = None,
+           ) -> web.Response:
+    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
+                        headers=headers)
+
+
+class Simulator:
+    """The server. ``async with Simulator(cfg) as sim`` serves on ``sim.base_url`` until the block ends."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.stats = SimStats()
+        self._rng = random.Random(self.config.seed)
+        self._runner: web.AppRunner | None = None
+        self._limits_for: tuple[float, float, float] | None = None
+        self._req_window: _Window | None = None
+        self._tok_window: _Window | None = None
+        self.base_url = ""
+        self.app = web.Application(client_max_size=64 << 20)
+        self.app.router.add_post("/v1/chat/completions", self._chat)
+        self.app.router.add_post("/v1/embeddings", self._embeddings)
+        self.app.router.add_get("/v1/models", self._models)
+        # Azure OpenAI routes: /openai/deployments/<name>/chat/completions?api-version=...
+        self.app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
+        self.app.router.add_post("/openai/deployments/{deployment}/embeddings", self._embeddings)
+        self.app.router.add_get("/_sim/stats", self._get_stats)
+        self.app.router.add_post("/_sim/config", self._set_config)
+        self.app.router.add_post("/_sim/reset", self._reset)
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096)
+        await site.start()
+        server = site._server
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://{self.config.host}:{port}/v1"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- limits ------------------------------------------------------------------------------------
+
+    def _windows(self) -> tuple[_Window | None, _Window | None]:
+        cfg = self.config
+        key = (cfg.rpm, cfg.tpm, cfg.limit_window)
+        if key != self._limits_for:
+            self._limits_for = key
+            self._req_window = _Window(cfg.rpm, cfg.limit_window) if cfg.rpm > 0 else None
+            self._tok_window = _Window(cfg.tpm, cfg.limit_window) if cfg.tpm > 0 else None
+        return self._req_window, self._tok_window
+
+    def _limit_headers(self, req: _Window | None, tok: _Window | None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if req is not None:
+            headers.update({"x-ratelimit-limit-requests": f"{req.per_minute:g}",
+                            "x-ratelimit-remaining-requests": str(max(0, int(req.level))),
+                            "x-ratelimit-reset-requests": _duration(req.reset_in())})
+        if tok is not None:
+            headers.update({"x-ratelimit-limit-tokens": f"{tok.per_minute:g}",
+                            "x-ratelimit-remaining-tokens": str(max(0, int(tok.level))),
+                            "x-ratelimit-reset-tokens": _duration(tok.reset_in())})
+        return headers
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    def _check_auth(self, request: web.Request) -> web.Response | None:
+        want = self.config.api_key
+        if not want:
+            return None
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("api-key", "")
+        if given != want:
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        return None
+
+    async def _latency(self) -> None:
+        cfg = self.config
+        ms = cfg.latency_ms
+        if ms <= 0:
+            return
+        if cfg.latency_dist == "lognormal":
+            ms = ms * math.exp(self._rng.gauss(0.0, cfg.latency_sigma))
+        elif cfg.latency_dist == "exponential":
+            ms = self._rng.expovariate(1.0 / ms)
+        elif cfg.latency_dist == "uniform":
+            ms = self._rng.uniform(0, 2 * ms)
+        await asyncio.sleep(ms / 1000.0)
+
+    async def _hang(self, request: web.Request) -> None:
+        deadline = time.monotonic() + self.config.hang_seconds
+        while time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return
+            await asyncio.sleep(0.05)
+        if request.transport is not None:
+            request.transport.abort()
+
+    def _fault(self) -> str | None:
+        cfg = self.config
+        r = self._rng.random()
+        for name, p in (("429", cfg.p_429), ("500", cfg.p_500), ("503", cfg.p_503), ("hang", cfg.p_hang),
+                        ("reset", cfg.p_reset), ("malformed", cfg.p_malformed)):
+            if r < p:
+                return name
+            r -= p
+        return None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            resp = await self._chat_inner(request)
+        finally:
+            self.stats.in_flight -= 1
+        self.stats.by_status[str(resp.status)] += 1
+        return resp
+
+    async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
+        denied = self._check_auth(request)
+        if denied is not None:
+            return denied
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            return _error(400, "'messages' is a required property", "invalid_request_error", None)
+        model = request.match_info.get("deployment") or body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "you must provide a model parameter", "invalid_request_error", None)
+        known = [m.strip() for m in self.config.models.split(",") if m.strip()]
+        if known and model not in known:
+            return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                          "invalid_request_error", "model_not_found")
+        cfg = self.config
+        if cfg.quota_calls and self.stats.paid >= cfg.quota_calls:
+            return _error(429, "You exceeded your current quota, please check your plan and billing details.",
+                          "insufficient_quota", "insufficient_quota")
+        if simcontent.BAD_REQUEST_MARKER in raw.decode("utf-8", "replace"):
+            return _error(400, "Invalid 'messages': this request is rejected on purpose (simulator marker).",
+                          "invalid_request_error", "invalid_value")
+        text = simcontent.prompt_text(body)
+        prompt_tokens = estimate_tokens(text)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        cost = prompt_tokens + (int(max_tokens) if isinstance(max_tokens, int) and max_tokens > 0 else 256)
+        req_w, tok_w = self._windows()
+        if req_w is not None and not req_w.take(1):
+            self.stats.faults["rate_limit"] += 1
+            return _error(429, f"Rate limit reached for requests per min: Limit {cfg.rpm:g}. Please try again "
+                          f"in {_duration(req_w.wait_for(1))}.", "requests", "rate_limit_exceeded",
+                          {"retry-after": f"{math.ceil(req_w.wait_for(1))}",
+                           "retry-after-ms": f"{req_w.wait_for(1) * 1000:.0f}",
+                           **self._limit_headers(req_w, tok_w)})
+        if tok_w is not None and not tok_w.take(cost):
+            if req_w is not None:
+                req_w.level = min(req_w.capacity, req_w.level + 1)  # not served: give the request back
+            self.stats.faults["rate_limit_tokens"] += 1
+            wait = tok_w.wait_for(cost)
+            return _error(429, f"Rate limit reached for tokens per min: Limit {cfg.tpm:g}. Please try again in "
+                          f"{_duration(wait)}.", "tokens", "rate_limit_exceeded",
+                          {"retry-after": f"{math.ceil(wait)}", "retry-after-ms": f"{wait * 1000:.0f}",
+                           **self._limit_headers(req_w, tok_w)})
+        limit_headers = self._limit_headers(req_w, tok_w)
+        fault = self._fault()
+        await self._latency()
+        if fault is not None:
+            self.stats.faults[fault] += 1
+            if fault == "429":
+                return _error(429, "Rate limit reached. Please try again later.", "requests", "rate_limit_exceeded",
+                              {"retry-after": f"{cfg.fault_retry_after:g}", **limit_headers})
+            if fault == "500":
+                return _error(500, "The server had an error while processing your request.", "server_error", None)
+            if fault == "503":
+                return _error(503, "The server is overloaded.", "server_error", None,
+                              {"retry-after": f"{cfg.fault_retry_after:g}"})
+            if fault == "hang":
+                await self._hang(request)
+                return web.Response(status=599)
+            if fault == "reset":
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response(status=599)
+            return web.Response(status=200, body=b'{"id": "chatcmpl-broken", "choices": [{"mess',
+                                content_type="application/json")
+        content = simcontent.chat_reply(body)
+        finish = "stop"
+        if isinstance(max_tokens, int) and max_tokens > 0 and estimate_tokens(content) > max_tokens:
+            content = content[: max_tokens * 4]
+            finish = "length"
+        completion_tokens = estimate_tokens(content)
+        digest = body_hash(body)
+        if tok_w is not None:
+            # Charge what was used, not the max_tokens reserved (as OpenAI settles after the call).
+            tok_w.level = min(tok_w.capacity, tok_w.level + cost - prompt_tokens - completion_tokens)
+        if body.get("stream"):
+            return await self._stream(request, body, model, content, finish, digest, prompt_tokens,
+                                      completion_tokens, limit_headers)
+        payload = {
+            "id": f"chatcmpl-{digest}", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": "fp_asyncraft_sim",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+        self._pay(digest, prompt_tokens, completion_tokens)
+        return web.Response(status=200, body=orjson.dumps(payload), content_type="application/json",
+                            headers={**limit_headers, "x-request-id": f"req_{digest}"})
+
+    def _pay(self, digest: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.stats.paid += 1
+        self.stats.paid_by_hash[digest] += 1
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], model: str, content: str, finish: str,
+                      digest: str, prompt_tokens: int, completion_tokens: int,
+                      headers: dict[str, str]) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None, usage: dict[str, int] | None = None) -> bytes:
+            obj: dict[str, Any] = {"id": f"chatcmpl-{digest}", "object": "chat.completion.chunk", "created": created,
+                                   "model": model, "choices": [{"index": 0, "delta": delta,
+                                                                "finish_reason": finish_reason}]}
+            if usage is not None:
+                obj["usage"] = usage
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        await resp.write(chunk({"role": "assistant", "content": ""}, None))
+        for piece in re.findall(r"\S+\s*", content) or [content]:
+            await resp.write(chunk({"content": piece}, None))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        await resp.write(chunk({}, finish, usage if include_usage else None))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        self._pay(digest, prompt_tokens, completion_tokens)
+        return resp
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        self.stats.embeddings += 1
+        denied = self._check_auth(request)
+        if denied is not None:
+            self.stats.by_status["401"] += 1
+            return denied
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            self.stats.by_status["400"] += 1
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs) or not inputs:
+            self.stats.by_status["400"] += 1
+            return _error(400, "'input' must be a string or a list of strings", "invalid_request_error", None)
+        fault = self._fault()
+        await self._latency()
+        if fault in ("429", "500", "503"):
+            self.stats.faults[fault] += 1
+            self.stats.by_status[fault] += 1
+            return _error(int(fault), "injected fault", "server_error" if fault != "429" else "requests",
+                          "rate_limit_exceeded" if fault == "429" else None,
+                          {"retry-after": f"{self.config.fault_retry_after:g}"})
+        dim = self.config.embedding_dim
+        data = [{"object": "embedding", "index": i, "embedding": simcontent.embed(text, dim)}
+                for i, text in enumerate(inputs)]
+        tokens = sum(estimate_tokens(t) for t in inputs)
+        self._pay(body_hash(body), tokens, 0)
+        self.stats.by_status["200"] += 1
+        return web.json_response({"object": "list", "data": data, "model": body.get("model") or "sim-embed",
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                                 dumps=lambda o: orjson.dumps(o).decode())
+
+    async def _models(self, request: web.Request) -> web.Response:
+        denied = self._check_auth(request)
+        if denied is not None:
+            return denied
+        names = [m.strip() for m in self.config.models.split(",") if m.strip()] or ["sim-1", "sim-embed"]
+        return web.json_response({"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "asyncraft-simulator"} for n in names]})
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.stats.as_dict()), content_type="application/json")
+
+    async def _set_config(self, request: web.Request) -> web.Response:
+        changes = orjson.loads(await request.read() or b"{}")
+        names = {f.name for f in dataclasses.fields(SimConfig)} - {"host", "port"}
+        unknown = set(changes) - names
+        if unknown:
+            return _error(400, f"unknown simulator settings: {sorted(unknown)}", "invalid_request_error", None)
+        for k, v in changes.items():
+            setattr(self.config, k, type(getattr(self.config, k))(v))
+        return web.json_response(dataclasses.asdict(self.config))
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.stats = SimStats()
+        self._limits_for = None
+        return web.json_response({"ok": True})
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(SimConfig):
+        default = f.default
+        env = ENV_PREFIX + f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(default),
+                            default=argparse.SUPPRESS, metavar=type(default).__name__.upper(),
+                            help=f"{_HELP[f.name]} [env {env}; default {default if default != '' else 'empty'}]")
+
+
+def config_from(ns: argparse.Namespace, env: dict[str, str] | None = None) -> SimConfig:
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(SimConfig):
+        kind = type(f.default)
+        if hasattr(ns, f.name):
+            values[f.name] = getattr(ns, f.name)
+        elif ENV_PREFIX + f.name.upper() in env:
+            raw = env[ENV_PREFIX + f.name.upper()]
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise SystemExit(f"asyncraft simulate: error: {ENV_PREFIX + f.name.upper()} must be "
+                                 f"{kind.__name__} (got {raw!r})") from None
+    cfg = SimConfig(**values)
+    if cfg.latency_dist not in ("fixed", "uniform", "lognormal", "exponential"):
+        raise SystemExit("asyncraft simulate: error: --latency-dist must be fixed, uniform, lognormal or exponential")
+    probs = [cfg.p_429, cfg.p_500, cfg.p_503, cfg.p_hang, cfg.p_reset, cfg.p_malformed]
+    if any(p < 0 for p in probs) or sum(probs) > 1:
+        raise SystemExit("asyncraft simulate: error: fault probabilities must be >= 0 and add up to at most 1")
+    return cfg
+
+
+async def serve(cfg: SimConfig) -> None:
+    async with Simulator(cfg) as sim:
+        print(f"asyncraft simulate: listening on {sim.base_url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+def main(ns: argparse.Namespace) -> int:
+    cfg = config_from(ns)
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        print(f"asyncraft simulate: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,292 @@
+"""Engine benchmarks: asyncraft against a bare aiohttp loop, recovery, memory and rate limits.
+
+Every figure is a ratio to a baseline measured in the same run on the same machine, against the
+built-in simulator on 127.0.0.1 (a separate process, so it has its own core).
+
+    python bench/bench_engine.py throughput     # 0 ms latency, concurrency 100, 20,000 requests
+    python bench/bench_engine.py latency        # 1 s lognormal latency, concurrency 1,000
+    python bench/bench_engine.py recovery       # resume a state holding 1,000,000 done records
+    python bench/bench_engine.py snapshot       # compaction time vs records already compacted
+    python bench/bench_engine.py memory         # peak RSS of a 1,000,000-line input
+    python bench/bench_engine.py ratelimit      # 429 share and use of the server's limit
+    python bench/bench_engine.py all
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from asyncraft import app, config, records, store  # noqa: E402
+from asyncraft.jobs.prompts import PromptsJob  # noqa: E402
+
+
+class Sim:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "simulate", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.base_url = line.rsplit(" ", 1)[-1].strip()
+        self.root = self.base_url[: -len("/v1")]
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.root + "/_sim/stats", timeout=30) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.root + "/_sim/reset", data=b"{}", method="POST")
+        urllib.request.urlopen(req, timeout=30).close()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def write_input(path: Path, n: int, tag: str = "") -> None:
+    with open(path, "wb") as fh:
+        for i in range(n):
+            fh.write(orjson.dumps({"custom_id": f"r{i}", "body": {
+                "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
+                "max_tokens": 16}}) + b"\n")
+
+
+def bodies_of(path: Path) -> list[dict[str, Any]]:
+    job = PromptsJob(path, model="sim-1", extra_body={})
+    return [t.body for t in job.roots() if hasattr(t, "body")]
+
+
+async def bare_loop(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
+    """The baseline: same requests, same concurrency, nothing kept."""
+    it = iter(bodies)
+    headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+
+        async def worker() -> None:
+            for body in it:
+                async with s.post(base_url + "/chat/completions", data=orjson.dumps(body), headers=headers) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(bodies) / (time.perf_counter() - t0)
+
+
+def asyncraft_run(base_url: str, inp: Path, state: Path, concurrency: int, **flags: str) -> float:
+    shutil.rmtree(state, ignore_errors=True)
+    n = sum(1 for _ in open(inp, "rb"))
+    settings = config.load("run", {"input": str(inp), "state_dir": str(state), "base_url": base_url,
+                                   "model": "sim-1", "concurrency": str(concurrency), "job": "prompts",
+                                   "progress_interval": "1000", **flags}, env={"ASYNCRAFT_API_KEY": "bench"})
+    t0 = time.perf_counter()
+    code = asyncio.run(app.main(settings))
+    elapsed = time.perf_counter() - t0
+    assert code == 0, code
+    return n / elapsed
+
+
+def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: float, name: str) -> None:
+    sim = Sim(*sim_args)
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
+    try:
+        inp = tmp / "in.jsonl"
+        write_input(inp, n)
+        bodies = bodies_of(inp)
+        bare, ours = [], []
+        for _ in range(rounds):
+            bare.append(asyncio.run(bare_loop(sim.base_url, bodies, concurrency)))
+            ours.append(asyncraft_run(sim.base_url, inp, tmp / "state", concurrency))
+        b, o = max(bare), max(ours)
+        print(f"{name}: bare aiohttp {b:,.0f} req/s, asyncraft {o:,.0f} req/s (fsync=batch, journal + snapshot) "
+              f"-> ratio {o / b:.3f} (target >= {target}); rounds bare={[round(x) for x in bare]} "
+              f"asyncraft={[round(x) for x in ours]}")
+    finally:
+        sim.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_throughput(_: argparse.Namespace) -> None:
+    compare(["--latency-ms", "0"], 20_000, 100, 3, 0.85, "throughput (0 ms, c=100, 20k)")
+
+
+def bench_latency(_: argparse.Namespace) -> None:
+    compare(["--latency-ms", "1000", "--latency-dist", "lognormal"], 20_000, 1000, 1, 0.95,
+            "latency (1 s lognormal, c=1000, 20k)")
+
+
+def synth_state(state: Path, n: int, *, compact: bool, inp: Path) -> None:
+    """A state dir holding n done records for the first n lines of ``inp``, written directly."""
+    shutil.rmtree(state, ignore_errors=True)
+    sd = store.StateDir(state)
+    sd.create_dirs()
+    job = PromptsJob(inp, model="sim-1", extra_body={})
+    sd.write_meta({"format": 1, "job": "prompts", "fingerprint": {**job.fingerprint(), "job": "prompts",
+                   "model": "sim-1", "extra_body": {}}, "input": str(inp.resolve()), "history": []})
+    seg_size = 100_000
+    seq = 1
+    tasks = (t for t in job.roots() if hasattr(t, "body"))
+    segs = []
+    for start in range(0, n, seg_size):
+        path = sd.journal / store.seg_name(seq)
+        with open(path, "wb") as fh:
+            first = seq
+            buf = []
+            for _, task in zip(range(min(seg_size, n - start)), tasks, strict=False):
+                buf.append(records.encode({"k": "done", "id": task.id, "stage": "prompts", **task.meta,
+                                           "message": {"content": "Simulated answer of a benchmark request."},
+                                           "finish_reason": "stop", "model": "sim-1",
+                                           "usage": {"prompt_tokens": 14, "completion_tokens": 9}, "seq": seq}))
+                seq += 1
+            fh.write(b"".join(buf))
+        segs.append((first, seq - 1, path))
+    if compact:
+        from asyncraft.failpoints import Failpoints
+
+        runs: list[str] = []
+        for seg in segs:
+            _, runs = store.compact(sd, [seg], runs, Failpoints())
+
+
+def bench_recovery(_: argparse.Namespace) -> None:
+    n = 1_000_000
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
+    sim = Sim("--latency-ms", "0")
+    try:
+        inp = tmp / "in.jsonl"
+        write_input(inp, n + 1000)
+        # The unfinished lines come first so "first dispatch" measures recovery, not the input scan.
+        lines = inp.read_bytes().splitlines(keepends=True)
+        for compact in (False, True):
+            synth_state(tmp / "state", n, compact=compact, inp=inp)
+            reordered = tmp / "in2.jsonl"
+            reordered.write_bytes(b"".join(lines[n:] + lines[:n]))
+            t0 = time.perf_counter()
+            rec = store.recover(store.StateDir(tmp / "state"), repair=False)
+            t_recover = time.perf_counter() - t0
+            assert len(rec.done) == n
+            env = {**os.environ, "ASYNCRAFT_BASE_URL": sim.base_url, "ASYNCRAFT_MODEL": "sim-1",
+                   "ASYNCRAFT_API_KEY": "bench", "ASYNCRAFT_PROGRESS_INTERVAL": "1000"}
+            sim.reset()
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", "--input", str(reordered),
+                                     "--state-dir", str(tmp / "state"), "--allow-config-change"],
+                                    env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+            while sim.stats()["requests"] == 0:
+                time.sleep(0.01)
+            t_first = time.perf_counter() - t0
+            proc.wait()
+            # Baseline: the same interpreter starting and importing asyncraft, doing nothing else.
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import asyncraft.app"], check=True, cwd=ROOT)
+            t_base = time.perf_counter() - t0
+            where = "compacted runs" if compact else "journal segments"
+            print(f"recovery ({n:,} done records in {where}): recover() {t_recover:.2f}s; process start to first "
+                  f"request {t_first:.2f}s (target <= 5 s); bare interpreter start {t_base:.2f}s "
+                  f"-> ratio {t_first / t_base:.1f}x")
+    finally:
+        sim.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_snapshot(_: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
+    try:
+        inp = tmp / "in.jsonl"
+        write_input(inp, 1_100_000)
+        synth_state(tmp / "state", 1_100_000, compact=False, inp=inp)
+        sd = store.StateDir(tmp / "state")
+        from asyncraft.failpoints import Failpoints
+
+        runs: list[str] = []
+        times = []
+        for first, path in sd.segments():
+            last = first + 100_000 - 1
+            t0 = time.perf_counter()
+            _, runs = store.compact(sd, [(first, last, path)], runs, Failpoints())
+            times.append(time.perf_counter() - t0)
+        print("snapshot of 100k records with 0 / 500k / 1M already compacted: "
+              f"{times[0]:.2f}s / {times[5]:.2f}s / {times[10]:.2f}s -> ratio last/first {times[10] / times[0]:.2f}"
+              " (flat = does not grow with history)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_memory(_: argparse.Namespace) -> None:
+    n = 1_000_000
+    sim = Sim("--latency-ms", "0")
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
+    try:
+        inp = tmp / "in.jsonl"
+        write_input(inp, n)
+        env = {**os.environ, "ASYNCRAFT_BASE_URL": sim.base_url, "ASYNCRAFT_MODEL": "sim-1",
+               "ASYNCRAFT_API_KEY": "bench", "ASYNCRAFT_CONCURRENCY": "100", "ASYNCRAFT_PROGRESS_INTERVAL": "30"}
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "asyncraft", "run", "--input", str(inp), "--state-dir",
+                        str(tmp / "state")], env=env, cwd=ROOT, check=True)
+        elapsed = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        base = subprocess.run([sys.executable, "-c", "import resource, asyncraft.app; "
+                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                              capture_output=True, text=True, cwd=ROOT, check=True)
+        base_mb = int(base.stdout) / 1024
+        print(f"memory ({n:,}-line input, c=100): peak RSS {peak:.0f} MB (target <= 300 MB) in {elapsed:.0f}s; "
+              f"interpreter + imports alone {base_mb:.0f} MB -> ratio {peak / base_mb:.1f}x")
+    finally:
+        sim.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_ratelimit(_: argparse.Namespace) -> None:
+    rpm = 3000
+    n = 2500  # ~50 s at 50 requests/s
+    sim = Sim("--latency-ms", "50", "--rpm", str(rpm))
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
+    try:
+        inp = tmp / "in.jsonl"
+        write_input(inp, n)
+        rate = asyncraft_run(sim.base_url, inp, tmp / "state", 200, rpm=str(rpm))
+        st = sim.stats()
+        r429 = st["by_status"].get("429", 0)
+        total = st["requests"]
+        print(f"rate limit (server {rpm} rpm, client --rpm {rpm}, c=200): {r429} of {total} calls answered 429 "
+              f"({100 * r429 / total:.2f}%, target <= 1%); {rate * 60:,.0f} requests/min done "
+              f"-> {rate * 60 / rpm:.3f} of the limit used (target >= 0.90)")
+    finally:
+        sim.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+BENCHES = {"throughput": bench_throughput, "latency": bench_latency, "recovery": bench_recovery,
+           "snapshot": bench_snapshot, "memory": bench_memory, "ratelimit": bench_ratelimit}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=[*BENCHES, "all"])
+    ns = parser.parse_args()
+    for name, fn in BENCHES.items():
+        if ns.which in (name, "all"):
+            fn(ns)
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
