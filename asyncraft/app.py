@@ -21,6 +21,7 @@ import orjson
 
 from asyncraft import __version__, store
 from asyncraft.config import Settings, fingerprint_settings
+from asyncraft.cost import Budget
 from asyncraft.errors import ConfigError, DiskFull, FsyncFailed, JournalError, StateMismatch
 from asyncraft.failpoints import Failpoints
 from asyncraft.jobs.base import Job, Task
@@ -143,7 +144,9 @@ class Runner:
         sched = Scheduler(job, journal, call, limits, recovered, concurrency=s.concurrency,
                           stall_timeout=s.stall_timeout, max_retries=s.max_retries, backoff_base=s.backoff_base,
                           backoff_max=s.backoff_max, output_estimate=s.output_tokens_estimate,
-                          retry_failed=s.retry_failed, api_key=s.api_key, on_problem=self._append_error)
+                          retry_failed=s.retry_failed, api_key=s.api_key, on_problem=self._append_error,
+                          budget=Budget(s.price_input_per_m, s.price_output_per_m, s.max_cost, s.max_tokens_total),
+                          watch=s.watch, watch_interval=s.watch_interval)
         self.scheduler = sched
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

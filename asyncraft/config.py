@@ -158,6 +158,18 @@ OPTIONS: tuple[Option, ...] = (
            "disk before stopping (exit 75)", metavar="S"),
     Option("output_tokens_estimate", _number(int, 1), 256, "expected completion tokens for a request without "
            "max_tokens, used by --tpm until real usage is seen", metavar="N"),
+    Option("price_input_per_m", _number(float, 0), 0.0, "price of one million prompt tokens, for the cost "
+           "estimate and --max-cost", metavar="USD"),
+    Option("price_output_per_m", _number(float, 0), 0.0, "price of one million completion tokens, for the cost "
+           "estimate and --max-cost", metavar="USD"),
+    Option("max_cost", _number(float, 0), 0.0, "stop cleanly (exit 75) once the estimated cost of the state dir "
+           "reaches this; raise it and run again to continue (0 = no cap)", metavar="USD"),
+    Option("max_tokens_total", _number(int, 0), 0, "stop cleanly (exit 75) once the state dir has used this many "
+           "tokens (prompt + completion); raise it and run again to continue (0 = no cap)", metavar="N"),
+    Option("watch", _parse_bool, False, "keep running when the input is done and pick up new or changed input "
+           "as it appears (until SIGINT/SIGTERM)", is_bool=True),
+    Option("watch_interval", _number(float, 0.05), 10.0, "seconds between scans of the input in --watch mode",
+           metavar="S"),
     Option("retry_failed", _parse_bool, False, "retry tasks recorded as failed (400s, unparsable answers)",
            is_bool=True),
     Option("allow_config_change", _parse_bool, False, "resume a state dir whose job was created with another "
@@ -203,6 +215,12 @@ class Settings:
     grace: float = 30.0
     disk_full_wait: float = 60.0
     output_tokens_estimate: int = 256
+    price_input_per_m: float = 0.0
+    price_output_per_m: float = 0.0
+    max_cost: float = 0.0
+    max_tokens_total: int = 0
+    watch: bool = False
+    watch_interval: float = 10.0
     retry_failed: bool = False
     allow_config_change: bool = False
     salvage: bool = False
@@ -291,6 +309,9 @@ def _check(s: Settings, command: str) -> None:
             raise ConfigError("--input (ASYNCRAFT_INPUT) is required: the file or folder to generate from")
         if s.backoff_max < s.backoff_base:
             raise ConfigError("ASYNCRAFT_BACKOFF_MAX must be >= ASYNCRAFT_BACKOFF_BASE")
+        if s.max_cost and not (s.price_input_per_m or s.price_output_per_m):
+            raise ConfigError("ASYNCRAFT_MAX_COST needs ASYNCRAFT_PRICE_INPUT_PER_M and/or "
+                              "ASYNCRAFT_PRICE_OUTPUT_PER_M to turn tokens into money")
         if s.resolved_api_type() == "azure" and not s.api_version:
             raise ConfigError("ASYNCRAFT_API_VERSION is required for Azure OpenAI (e.g. 2024-10-21)")
 

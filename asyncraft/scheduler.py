@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from asyncraft.cost import Budget
 from asyncraft.errors import JournalError, ProviderError, ProviderTimeout, RateLimited
 from asyncraft.jobs.base import InputProblem, Job, Outcome, Task
 from asyncraft.journal import Journal
@@ -64,7 +65,8 @@ class Scheduler:
                  limits: Limits, recovered: Recovered, *, concurrency: int, stall_timeout: float,
                  max_retries: int, backoff_base: float, backoff_max: float, output_estimate: int,
                  retry_failed: bool = False, api_key: str | None = None,
-                 on_problem: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
+                 on_problem: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+                 budget: Budget | None = None, watch: bool = False, watch_interval: float = 10.0) -> None:
         self.job = job
         self.journal = journal
         self._call_api = call
@@ -96,6 +98,13 @@ class Scheduler:
         self._finished = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._limit_waiters: set[asyncio.Task[Any]] = set()
+        self.budget = budget or Budget()
+        # Tokens of earlier runs of this state dir: the caps count the whole state dir.
+        self.tokens_before = (int(recovered.counters.get("prompt_tokens", 0)),
+                              int(recovered.counters.get("completion_tokens", 0)))
+        self.watch = watch
+        self.watch_interval = watch_interval
+        self.scans = 0  # completed passes over the input (more than one only in watch mode)
 
     # -- control -----------------------------------------------------------------------------------
 
@@ -145,6 +154,22 @@ class Scheduler:
             self._finished.set()
             watchdog.cancel()
 
+    def tokens_used(self) -> tuple[int, int]:
+        """(prompt, completion) tokens of the whole state dir so far."""
+        return (self.tokens_before[0] + self.stats.prompt_tokens,
+                self.tokens_before[1] + self.stats.completion_tokens)
+
+    def _check_limits(self) -> bool:
+        """Stop the run (resumable) when a spending cap or a job limit is reached; True if stopping."""
+        reason = self.budget.exceeded(*self.tokens_used())
+        if reason is None:
+            limit = getattr(self.job, "limit_reached", None)
+            reason = limit() if limit is not None else None
+        if reason is not None:
+            self.request_stop(reason)
+            return True
+        return self.stopping is not None
+
     async def _feed(self) -> None:
         roots = self.job.roots()
         lines_ok = 0
@@ -168,10 +193,16 @@ class Scheduler:
                         await self._enqueue(item)
                 continue
             if self.active == 0 and not self.children:
-                break
+                if not self.watch:
+                    break
+                # Watch mode: everything known is finished; look at the input again after a while.
+                await self._pause(self.watch_interval)
+                if self.stopping is None:
+                    roots, lines_ok, exhausted = self.job.roots(), 0, False
+                continue
             self._wake.clear()
             if self.active == 0 and not self.children:
-                break
+                continue
             await self._wake.wait()
         self.request_stop_workers()
 
@@ -184,8 +215,12 @@ class Scheduler:
 
     async def _input_finished(self, lines_ok: int) -> None:
         self.input_read = True
+        self.scans += 1
         # Every unique task of the input is now done, failed, or queued/in flight.
-        self.input_total = len(self.done) + len(self.failed) + self.active
+        total = len(self.done) + len(self.failed) + self.active
+        if total == self.input_total and self.scans > 1:
+            return  # a watch-mode rescan that found nothing new: nothing to journal
+        self.input_total = total
         await self.journal.append({"k": "input", "total": self.input_total, "task_lines": lines_ok,
                                    "problems": self.stats.input_problems, "t": time.time()})
 
@@ -241,6 +276,8 @@ class Scheduler:
     async def _process(self, task: Task) -> None:
         attempt = 0
         while self.stopping is None:
+            if self._check_limits():
+                return
             estimate = estimate_request_tokens(task.body, self.output_estimate)
             me = asyncio.current_task()
             assert me is not None
@@ -283,6 +320,7 @@ class Scheduler:
             self.stats.completion_tokens += int(usage.get("completion_tokens", 0))
             outcome = self.job.handle(task, completion)
             nxt = await self._record(task, completion, outcome)
+            self._check_limits()
             if nxt is None:
                 await self.limits.correct(estimate, actual)
                 return
