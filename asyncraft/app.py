@@ -49,8 +49,11 @@ def make_job(settings: Settings) -> Job:
     raise ConfigError(f"job {settings.job!r} is not available in this version")
 
 
-def check_state(sd: store.StateDir, job: Job, settings: Settings) -> dict[str, Any]:
-    """Bind the state dir to the job's configuration; refuse a silent change of model or parameters."""
+def check_state(sd: store.StateDir, job: Job, settings: Settings, *, has_results: bool = True) -> dict[str, Any]:
+    """Bind the state dir to the job's configuration; refuse a silent change of model or parameters.
+
+    A state dir without results yet (say the first run stopped on an unknown model) takes the new
+    configuration without asking: there is nothing to mix it with."""
     fingerprint = {**job.fingerprint(), **fingerprint_settings(settings)}
     meta = sd.read_meta()
     now = time.time()
@@ -66,7 +69,7 @@ def check_state(sd: store.StateDir, job: Job, settings: Settings) -> dict[str, A
     if old != fingerprint:
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-        if not settings.allow_config_change:
+        if not settings.allow_config_change and has_results:
             raise StateMismatch(
                 f"{sd.root} was made with other generation settings ({detail}). Resuming would mix outputs of "
                 "two configurations. Pass --allow-config-change (ASYNCRAFT_ALLOW_CONFIG_CHANGE=1) to go on "
@@ -98,7 +101,12 @@ class Runner:
         self.sd.create_dirs()
         lock_fd = self.sd.lock()
         try:
-            check_state(self.sd, job, s)
+            meta = self.sd.read_meta()
+            if meta is None:
+                check_state(self.sd, job, s)  # a new state dir: bind it before anything is written
+            elif meta.get("job") != job.name:
+                raise StateMismatch(f"{self.sd.root} holds a {meta.get('job')!r} job; this run is {job.name!r}. "
+                                    "Use another --state-dir.")
             t0 = time.perf_counter()
             problems: list[dict[str, Any]] = []
 
@@ -113,6 +121,7 @@ class Runner:
 
             recovered = await asyncio.to_thread(store.recover, self.sd, repair=True, salvage=s.salvage,
                                                 wants=wants, on_payload=on_payload)
+            check_state(self.sd, job, s, has_results=bool(recovered.done or recovered.failed))
             # errors.jsonl is a view for people, rebuilt from the journal at every start.
             store.write_atomic(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in problems))
             for note in recovered.notes:

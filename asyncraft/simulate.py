@@ -191,7 +191,8 @@ class Simulator:
         await self.close()
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Calls still "thinking" at shutdown are dropped after a second, not waited on.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096)
         await site.start()
@@ -237,7 +238,8 @@ class Simulator:
         auth = request.headers.get("Authorization", "")
         given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("api-key", "")
         if given != want:
-            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            # Echo the key like a careless server would, so tests can prove the client never writes it down.
+            return _error(401, f"Incorrect API key provided: {given}.", "invalid_request_error", "invalid_api_key")
         return None
 
     async def _latency(self) -> None:
