@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from asyncraft import records
-from asyncraft.failpoints import Failpoints
 from asyncraft.errors import ConfigError
+from asyncraft.failpoints import Failpoints
 
 
 def test_round_trip_and_checksum_detects_every_single_bit_flip() -> None:
