@@ -17,6 +17,8 @@ class Budget:
 
     def exceeded(self, prompt_tokens: int, completion_tokens: int) -> str | None:
         """Why no new call may start, or None. Counts the whole state dir, not just this run."""
+        if not (self.max_tokens or self.max_cost):
+            return None
         used = prompt_tokens + completion_tokens
         if self.max_tokens and used >= self.max_tokens:
             return (f"token budget reached: {used:,} tokens used of ASYNCRAFT_MAX_TOKENS_TOTAL={self.max_tokens:,}; "

@@ -43,6 +43,8 @@ class Journal:
         disk_full_wait: float = 60.0,
         failpoints: Failpoints | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        max_pending: int = 65536,
+        on_commit: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self._sd = sd
         self._policy = fsync
@@ -52,7 +54,8 @@ class Journal:
         self._disk_full_wait = disk_full_wait
         self._fp = failpoints or Failpoints()
         self._on_error = on_error
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=65536)
+        self.on_commit = on_commit  # sees each batch of records once it is on disk (counters, metrics)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_pending)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-journal")
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-compact")
         self._compaction: asyncio.Future[tuple[int, list[str]]] | None = None
@@ -91,6 +94,19 @@ class Journal:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         await self._queue.put((record, fut))
         return await fut
+
+    def submit(self, record: dict[str, Any]) -> asyncio.Future[int]:
+        """Queue a record without waiting; the future resolves (to its seq) once it is on disk.
+
+        The caller bounds how many records it leaves unacknowledged (the scheduler: one per
+        worker), which is what keeps the queue below its limit."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise JournalError("journal is closed")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((record, fut))
+        return fut
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -175,6 +191,8 @@ class Journal:
         self._since_snapshot += len(batch)
         self.commits += 1
         self.last_progress = time.monotonic()
+        if self.on_commit is not None:
+            self.on_commit([rec for rec, _fut in batch])
         for (_rec, fut), s in zip(batch, range(seq - len(batch), seq), strict=True):
             if not fut.done():
                 fut.set_result(s)

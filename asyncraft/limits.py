@@ -62,6 +62,16 @@ class Limits:
 
     # -- acquisition -------------------------------------------------------------------------------
 
+    def free(self) -> bool:
+        """True when a call may start now without waiting: no limit configured and no cool-down.
+        The common case of a local server; it lets the scheduler skip the limiter entirely."""
+        return (self._requests is None and self._tokens is None
+                and self._cool_until <= asyncio.get_running_loop().time())
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self._tokens is not None
+
     async def acquire(self, tokens: int) -> None:
         await self.wait_cooldown()
         if self._requests is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from asyncraft import __version__
 from asyncraft.errors import (
@@ -118,6 +119,8 @@ class Provider:
                  api_version: str | None = None, concurrency: int = 64, request_timeout: float = 600.0,
                  connect_timeout: float = 10.0, on_rate_info: Callable[[RateInfo], None] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # Parsed once: aiohttp would parse a string URL again for every request.
+        self._urls = {path: URL(self.base_url + path) for path in ("/chat/completions", "/embeddings")}
         self._key = api_key
         self._azure = api_type == "azure"
         self._params = {"api-version": api_version} if self._azure and api_version else None
@@ -162,28 +165,37 @@ class Provider:
             usage = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
         return Completion(out, choice.get("finish_reason"), usage, raw.get("model"))
 
-    async def embed(self, body: dict[str, Any], beat: Callable[[], None] | None = None) -> dict[str, Any]:
+    async def embed(self, body: dict[str, Any], beat: Callable[[], None] | None = None) -> Completion:
+        """An embeddings call in the shape of every other result: ``message["embeddings"]`` holds the
+        vectors in input order, ``usage`` the tokens billed (prompt only)."""
         raw = await self._post("/embeddings", body, beat)
-        if not isinstance(raw.get("data"), list):
+        data = raw.get("data")
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise BadResponse("embeddings response has no data")
-        return raw
+        ordered = sorted(data, key=lambda d: d.get("index", 0) if isinstance(d.get("index"), int) else 0)
+        vectors = [d.get("embedding") for d in ordered]
+        if not all(isinstance(v, list) for v in vectors):
+            raise BadResponse("embeddings response holds an item without an embedding vector")
+        usage = raw.get("usage") if isinstance(raw.get("usage"), dict) else None
+        if usage is not None:
+            usage = {"prompt_tokens": int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0),
+                     "completion_tokens": 0}
+        return Completion({"embeddings": vectors}, None, usage, raw.get("model"))
 
     async def _post(self, path: str, body: dict[str, Any], beat: Callable[[], None] | None) -> dict[str, Any]:
         session = self._session
         if session is None:
             raise RuntimeError("Provider used outside 'async with'")
-        url = self.base_url + path
+        url = self._urls[path]
         try:
             async with session.post(url, data=orjson.dumps(body), params=self._params) as resp:
+                # Heartbeats at the headers and at the end of the body: a non-streamed answer is
+                # sent in one go once generated, so a body that stops arriving is a stalled call.
                 if beat is not None:
                     beat()
-                    chunks = []
-                    async for chunk in resp.content.iter_any():
-                        chunks.append(chunk)
-                        beat()
-                    data = b"".join(chunks)
-                else:
-                    data = await resp.read()
+                data = await resp.read()
+                if beat is not None:
+                    beat()
                 status = resp.status
                 headers = resp.headers
         except TimeoutError:

@@ -38,11 +38,19 @@ class _Interrupted(Exception):
 
 @dataclass(slots=True, eq=False)
 class _Call:
+    """One API call in flight. The watchdog ends it by expiring its timeout, which makes asyncio
+    cancel the call inside the worker and raise TimeoutError there: no extra task per call."""
+
     task_id: str
     started: float
     last_beat: float
-    future: asyncio.Future[Any] | None = None
+    timeout: asyncio.Timeout | None = None
     stalled: bool = False
+    interrupted: bool = False
+
+    def end_now(self) -> None:
+        if self.timeout is not None and not self.timeout.expired():
+            self.timeout.reschedule(asyncio.get_running_loop().time())
 
 
 @dataclass
@@ -99,6 +107,7 @@ class Scheduler:
         self._stop_event = asyncio.Event()
         self._limit_waiters: set[asyncio.Task[Any]] = set()
         self.budget = budget or Budget()
+        self._job_limit: Callable[[], str | None] | None = getattr(job, "limit_reached", None)
         # Tokens of earlier runs of this state dir: the caps count the whole state dir.
         self.tokens_before = (int(recovered.counters.get("prompt_tokens", 0)),
                               int(recovered.counters.get("completion_tokens", 0)))
@@ -131,8 +140,8 @@ class Scheduler:
     def interrupt_inflight(self) -> None:
         """Grace is over: cancel calls still in flight (they were not journaled; they will be redone)."""
         for call in list(self.inflight.values()):
-            if call.future is not None:
-                call.future.cancel()
+            call.interrupted = True
+            call.end_now()
 
     def fatal_error(self, exc: BaseException) -> None:
         if self.fatal is None:
@@ -162,9 +171,8 @@ class Scheduler:
     def _check_limits(self) -> bool:
         """Stop the run (resumable) when a spending cap or a job limit is reached; True if stopping."""
         reason = self.budget.exceeded(*self.tokens_used())
-        if reason is None:
-            limit = getattr(self.job, "limit_reached", None)
-            reason = limit() if limit is not None else None
+        if reason is None and self._job_limit is not None:
+            reason = self._job_limit()
         if reason is not None:
             self.request_stop(reason)
             return True
@@ -259,35 +267,67 @@ class Scheduler:
     # -- workers -----------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        while True:
-            task = await self.queue.get()
-            if task is None:
-                return
-            try:
-                if self.stopping is None:
-                    await self._process(task)
-            except _Interrupted:
-                pass
-            except JournalError as exc:
-                self.fatal_error(exc)
-            finally:
-                self._release(task)
+        """Take tasks and make their calls. A finished task's record goes to the writer without
+        waiting: the worker starts its next call while the record is being committed, and the
+        task counts as done only in the acknowledgement (``_settle``). Before handing in another
+        record it waits for its previous one, so each worker has at most one record not yet on
+        disk and a crash repeats at most two calls per worker: the one waiting for the server and
+        the one waiting for the disk."""
+        unacked: asyncio.Future[int] | None = None
+        try:
+            while True:
+                task = await self.queue.get()
+                if task is None:
+                    return
+                ack: asyncio.Future[int] | None = None
+                try:
+                    if self.stopping is None:
+                        ack = await self._process(task, unacked)
+                        if ack is not None:
+                            unacked = ack
+                except _Interrupted:
+                    pass
+                except JournalError as exc:
+                    self.fatal_error(exc)
+                finally:
+                    if ack is None:
+                        self._release(task)
+        finally:
+            if unacked is not None and not unacked.done():
+                # Shutting down: our last record must be settled before the writer closes.
+                await asyncio.wait([unacked])
 
-    async def _process(self, task: Task) -> None:
+    def _settle(self, task: Task, outcome: Outcome, ack: asyncio.Future[int]) -> None:
+        """The record of ``task`` is on disk (or the writer failed): only now is the task done."""
+        try:
+            if not ack.cancelled() and ack.exception() is None:
+                self.done.add(id_key(task.id))
+                self.stats.done += 1
+                if outcome.children:
+                    self.children.extend(outcome.children)
+                    self._wake.set()
+                self._check_limits()
+        finally:
+            self._release(task)
+
+    async def _process(self, task: Task, unacked: asyncio.Future[int] | None) -> asyncio.Future[int] | None:
+        """Make the calls of one task. Returns the acknowledgement of its record while that is on
+        its way to disk, or None when the task is settled already."""
         attempt = 0
         while self.stopping is None:
             if self._check_limits():
-                return
-            estimate = estimate_request_tokens(task.body, self.output_estimate)
-            me = asyncio.current_task()
-            assert me is not None
-            self._limit_waiters.add(me)
-            try:
-                await self.limits.acquire(estimate)
-            finally:
-                self._limit_waiters.discard(me)
-            if self.stopping is not None:
-                return
+                return None
+            estimate = estimate_request_tokens(task.body, self.output_estimate) if self.limits.counts_tokens else 0
+            if not self.limits.free():
+                me = asyncio.current_task()
+                assert me is not None
+                self._limit_waiters.add(me)
+                try:
+                    await self.limits.acquire(estimate)
+                finally:
+                    self._limit_waiters.discard(me)
+                if self.stopping is not None:
+                    return None
             try:
                 completion = await self._call(task)
             except ProviderError as exc:
@@ -295,10 +335,10 @@ class Scheduler:
                 action = classify(exc)
                 if action is Action.FATAL:
                     self.fatal_error(exc)
-                    return
+                    return None
                 if action is Action.FAIL_TASK:
                     await self._record_fail(task, exc)
-                    return
+                    return None
                 attempt += 1
                 if isinstance(exc, RateLimited):
                     self.limits.cooldown(exc.retry_after if exc.retry_after is not None else
@@ -307,7 +347,7 @@ class Scheduler:
                 if attempt > self.max_retries:
                     self.stats.gave_up += 1
                     log.warning("giving up on %s for this run after %d tries: %s", task.id[:12], attempt, exc)
-                    return
+                    return None
                 self.stats.retries += 1
                 delay = backoff(attempt, base=self.backoff_base, cap=self.backoff_max,
                                 retry_after=exc.retry_after, rng=self._rng)
@@ -319,13 +359,22 @@ class Scheduler:
             self.stats.prompt_tokens += int(usage.get("prompt_tokens", 0))
             self.stats.completion_tokens += int(usage.get("completion_tokens", 0))
             outcome = self.job.handle(task, completion)
+            if self.limits.counts_tokens and actual > estimate:
+                await self.limits.correct(estimate, actual)
+            if outcome.retry is None and outcome.fail is None:
+                if unacked is not None and not unacked.done():
+                    await asyncio.shield(unacked)  # at most one record per worker on its way to disk
+                ack = self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
+                                           **(outcome.result or {}), "usage": completion.usage})
+                ack.add_done_callback(lambda f, t=task, o=outcome: self._settle(t, o, f))
+                return ack
             nxt = await self._record(task, completion, outcome)
             self._check_limits()
             if nxt is None:
-                await self.limits.correct(estimate, actual)
-                return
+                return None
             task = nxt
             attempt = 0
+        return None
 
     async def _pause(self, delay: float) -> None:
         """Sleep for a retry, but wake at once if the run is stopping."""
@@ -342,22 +391,20 @@ class Scheduler:
         def beat() -> None:
             call.last_beat = loop.time()
 
-        fut = asyncio.ensure_future(self._call_api(task, beat))
-        call.future = fut
-        self.inflight[id(call)] = call
-        t0 = time.perf_counter()
+        key = id(call)
+        self.inflight[key] = call
         try:
-            await asyncio.wait({fut})
+            async with asyncio.timeout(None) as timeout:
+                call.timeout = timeout
+                result: Completion = await self._call_api(task, beat)
+        except TimeoutError:
+            # The provider turns its own timeouts into ProviderTimeout, so this one is ours.
+            if call.interrupted:
+                raise _Interrupted() from None
+            raise ProviderTimeout(f"call stalled: no progress for {self.stall_timeout:g}s (watchdog)") from None
         finally:
-            if not fut.done():
-                fut.cancel()  # we ourselves are being cancelled: do not leave the call behind
-            del self.inflight[id(call)]
-        if fut.cancelled():
-            if call.stalled:
-                raise ProviderTimeout(f"call stalled: no progress for {self.stall_timeout:g}s (watchdog)")
-            raise _Interrupted()
-        result: Completion = fut.result()
-        self.stats.latencies.append(time.perf_counter() - t0)
+            del self.inflight[key]
+        self.stats.latencies.append(loop.time() - now)
         return result
 
     async def _watchdog(self) -> None:
@@ -367,13 +414,14 @@ class Scheduler:
             await asyncio.sleep(interval)
             deadline = loop.time() - self.stall_timeout
             for call in list(self.inflight.values()):
-                if call.last_beat < deadline and call.future is not None and not call.future.done():
+                if call.last_beat < deadline and not call.stalled:
                     call.stalled = True
-                    call.future.cancel()
+                    call.end_now()
 
     # -- recording ---------------------------------------------------------------------------------
 
     async def _record(self, task: Task, completion: Completion, outcome: Outcome) -> Task | None:
+        """Record a paid answer the job rejected: a retry (returns the next attempt) or a failure."""
         usage = completion.usage
         base = {"id": task.id, "stage": task.stage, **task.meta}
         if outcome.retry is not None:
@@ -386,13 +434,6 @@ class Scheduler:
                                         "message": completion.message, "usage": usage})
             self.failed.add(id_key(task.id))
             self.stats.failed += 1
-            return None
-        await self.journal.append({"k": "done", **base, **(outcome.result or {}), "usage": usage})
-        self.done.add(id_key(task.id))
-        self.stats.done += 1
-        if outcome.children:
-            self.children.extend(outcome.children)
-            self._wake.set()
         return None
 
     async def _append_problem(self, rec: dict[str, Any]) -> None:
