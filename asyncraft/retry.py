@@ -38,8 +38,8 @@ def classify(exc: ProviderError) -> Action:
 def backoff(attempt: int, *, base: float, cap: float, retry_after: float | None = None,
             rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter (attempt counts from 1); never less than Retry-After."""
-    rand = (rng or random).random()
-    delay = rand * min(cap, base * (2 ** (attempt - 1)))
+    rand: float = (rng or random).random()
+    delay = rand * min(cap, base * 2.0 ** (attempt - 1))
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay

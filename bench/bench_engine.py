@@ -112,7 +112,10 @@ def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: 
         bodies = bodies_of(inp)
         bare, ours = [], []
         for _ in range(rounds):
+            # Each run starts from a reset simulator: the same sequence of latencies for both.
+            sim.reset()
             bare.append(asyncio.run(bare_loop(sim.base_url, bodies, concurrency)))
+            sim.reset()
             ours.append(asyncraft_run(sim.base_url, inp, tmp / "state", concurrency))
         b, o = max(bare), max(ours)
         print(f"{name}: bare aiohttp {b:,.0f} req/s, asyncraft {o:,.0f} req/s (fsync=batch, journal + snapshot) "
@@ -128,7 +131,7 @@ def bench_throughput(_: argparse.Namespace) -> None:
 
 
 def bench_latency(_: argparse.Namespace) -> None:
-    compare(["--latency-ms", "1000", "--latency-dist", "lognormal"], 20_000, 1000, 1, 0.95,
+    compare(["--latency-ms", "1000", "--latency-dist", "lognormal"], 20_000, 1000, 2, 0.95,
             "latency (1 s lognormal, c=1000, 20k)")
 
 
