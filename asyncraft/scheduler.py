@@ -9,6 +9,7 @@ the watchdog checks, hands the result to the journal and waits for it to be on d
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -366,7 +367,7 @@ class Scheduler:
                     await asyncio.shield(unacked)  # at most one record per worker on its way to disk
                 ack = self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
                                            **(outcome.result or {}), "usage": completion.usage})
-                ack.add_done_callback(lambda f, t=task, o=outcome: self._settle(t, o, f))
+                ack.add_done_callback(functools.partial(self._settle, task, outcome))
                 return ack
             nxt = await self._record(task, completion, outcome)
             self._check_limits()

@@ -23,6 +23,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,9 +197,7 @@ class Simulator:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096)
         await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = self._runner.addresses[0][1]  # the real port when 0 was asked for
         self.base_url = f"http://{self.config.host}:{port}/v1"
 
     async def close(self) -> None:
@@ -472,6 +471,7 @@ class Simulator:
     async def _reset(self, request: web.Request) -> web.Response:
         self.stats = SimStats()
         self._limits_for = None
+        self._rng = random.Random(self.config.seed)  # the same faults and latencies again, for fair comparisons
         return web.json_response({"ok": True})
 
 
@@ -491,7 +491,7 @@ def config_from(ns: argparse.Namespace, env: dict[str, str] | None = None) -> Si
     env = dict(os.environ) if env is None else env
     values: dict[str, Any] = {}
     for f in dataclasses.fields(SimConfig):
-        kind = type(f.default)
+        kind: Callable[[str], Any] = type(f.default)
         if hasattr(ns, f.name):
             values[f.name] = getattr(ns, f.name)
         elif ENV_PREFIX + f.name.upper() in env:
