@@ -81,7 +81,9 @@ class Journal:
         self.commits = 0
         self.last_fsync_seconds = 0.0
         self.last_progress = time.monotonic()
-        self.last_snapshot = time.time()
+        # Age of the newest snapshot on disk, not of this process: a restart is not a snapshot.
+        manifests = sd.manifests()
+        self.last_snapshot = manifests[0][1].stat().st_mtime if manifests else time.time()
 
     # -- API for workers -------------------------------------------------------------------------
 

@@ -119,6 +119,9 @@ class Provider:
                  api_version: str | None = None, concurrency: int = 64, request_timeout: float = 600.0,
                  connect_timeout: float = 10.0, on_rate_info: Callable[[RateInfo], None] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # What messages show: a URL may carry credentials (https://user:pass@host), which must not
+        # reach a log line or errors.jsonl.
+        self.shown_url = str(URL(self.base_url).with_user(None).with_query(None))
         # Parsed once: aiohttp would parse a string URL again for every request.
         self._urls = {path: URL(self.base_url + path) for path in ("/chat/completions", "/embeddings")}
         self._key = api_key
@@ -199,11 +202,12 @@ class Provider:
                 status = resp.status
                 headers = resp.headers
         except TimeoutError:
-            raise ProviderTimeout(f"no complete answer from {self.base_url} within the timeout") from None
+            raise ProviderTimeout(f"no complete answer from {self.shown_url} within the timeout") from None
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectionFailed(f"cannot connect to {self.base_url}: {exc.os_error}") from None
+            raise ConnectionFailed(f"cannot connect to {self.shown_url}: {exc.os_error}") from None
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise ConnectionFailed(f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}") from None
+            detail = self._clean(str(exc))
+            raise ConnectionFailed(f"connection to {self.shown_url} failed: {type(exc).__name__}: {detail}") from None
         if self._on_rate_info is not None:
             info = parse_rate_info(headers)
             if info is not None:
@@ -217,6 +221,9 @@ class Provider:
         if not isinstance(raw, dict):
             raise BadResponse("response body is not a JSON object", status=status)
         return raw
+
+    def _clean(self, text: str) -> str:
+        return scrub(text.replace(self.base_url, self.shown_url), self._key)
 
     def _error(self, status: int, data: bytes, headers: Any) -> ProviderError:
         message, code, etype = "", None, None
@@ -233,7 +240,7 @@ class Provider:
         code = str(code) if code is not None else None
         etype = str(etype) if etype is not None else None
         message = scrub(message, self._key)
-        text = f"HTTP {status} from {self.base_url}" + (f" [{code}]" if code else "") + (
+        text = f"HTTP {status} from {self.shown_url}" + (f" [{code}]" if code else "") + (
             f": {message}" if message else "")
         kw: dict[str, Any] = {"status": status, "code": code, "type": etype,
                               "retry_after": parse_retry_after(headers)}

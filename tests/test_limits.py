@@ -124,3 +124,11 @@ def test_budget_caps() -> None:
     assert "cost budget reached" in (b.exceeded(250_000, 62_500) or "")
     assert "token budget" in (Budget(max_tokens=100).exceeded(60, 40) or "")
     assert Budget().exceeded(10**9, 10**9) is None
+
+
+def test_credentials_in_the_base_url_stay_out_of_error_messages() -> None:
+    provider = Provider("https://user:s3cret-pass@llm.internal:8443/v1", api_key="k")
+    exc = provider._error(500, b'{"error": {"message": "boom"}}', CIMultiDict())
+    assert "s3cret-pass" not in str(exc) and "user@" not in str(exc)
+    assert "https://llm.internal:8443/v1" in str(exc)
+    assert "s3cret-pass" not in provider._clean("Cannot connect to https://user:s3cret-pass@llm.internal:8443/v1/x")
