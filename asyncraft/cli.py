@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl = add("tail", "print journal records readably; -f follows new ones")
     tl.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     tl.add_argument("-n", "--lines", type=int, default=10, help="records to show first (default 10)")
-    tl.add_argument("--json", action="store_true", help="raw JSON records")
+    tl.add_argument("--json", action="store_true", help="raw JSON records, as written to the journal")
+    tl.add_argument("--stage", default=None, metavar="STAGE", help="only records of this stage (e.g. prompts)")
+    tl.add_argument("--errors", action="store_true", help="only problems: failed tasks, bad input, rejected answers")
     ex = add("export", "write results as .jsonl or .parquet")
     ex.add_argument("--format", required=True, choices=["prompts", "raft", "chat", "completion", "eval"],
                     help="output layout")
@@ -130,15 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int:
     from asyncraft import inspect
+    from asyncraft.cost import Budget
 
     sd = store.StateDir(settings.state_dir)
     if cmd == "status":
-        st = inspect.status(sd)
+        st = inspect.status(sd, Budget(settings.price_input_per_m, settings.price_output_per_m))
         print(orjson.dumps(st).decode() if ns.json else inspect.format_status(st))
         return 0
     if cmd == "tail":
         try:
-            return inspect.tail(sd, lines=ns.lines, follow=ns.follow, raw=ns.json)
+            return inspect.tail(sd, lines=ns.lines, follow=ns.follow, raw=ns.json, stage=ns.stage, errors=ns.errors)
         except KeyboardInterrupt:
             return 0
     if cmd == "verify":
@@ -153,7 +156,8 @@ def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int
         from asyncraft import export
 
         t0 = time.perf_counter()
-        counts = export.export(sd, ns.format, Path(ns.out), input_override=settings.input or None)
+        counts = export.export(sd, ns.format, Path(ns.out), input_override=settings.input or None,
+                               settings=settings)
         total = sum(counts.values())
         detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         print(f"wrote {total} rows to {ns.out} ({detail}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

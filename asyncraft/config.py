@@ -79,6 +79,49 @@ def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _optional_port(raw: str) -> int | None:
+    value = raw.strip().lower()
+    if value in ("", "off", "none"):
+        return None
+    port: int = _number(int, 0, 65535)(value)
+    return port
+
+
+def parse_split(raw: str) -> list[tuple[str, float]]:
+    """``eval=0.1,test=0.05`` -> [("eval", 0.1), ("test", 0.05)]; the rest of the records stay in OUT."""
+    out: list[tuple[str, float]] = []
+    for part in (x.strip() for x in raw.split(",")):
+        if not part:
+            continue
+        name, sep, frac = part.partition("=")
+        name = name.strip()
+        if not sep or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"must look like eval=0.1 (NAME=FRACTION, comma-separated), not {part!r}")
+        try:
+            value = float(frac)
+        except ValueError:
+            raise ValueError(f"{name}: fraction must be a number") from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name}: fraction must be between 0 and 1")
+        if any(n == name for n, _ in out):
+            raise ValueError(f"{name} is named twice")
+        out.append((name, value))
+    if sum(v for _, v in out) >= 1.0:
+        raise ValueError("the fractions must add up to less than 1")
+    return out
+
+
+def _split_spec(raw: str) -> str:
+    return ",".join(f"{n}={v:g}" for n, v in parse_split(raw))
+
+
+def _column(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
 def _url_list(raw: str) -> tuple[str, ...]:
     urls = tuple(u.strip().rstrip("/") for u in raw.replace(",", " ").split() if u.strip())
     if not urls:
@@ -118,6 +161,50 @@ OPTIONS: tuple[Option, ...] = (
            "(raft job); export re-reads it for input order", commands=("run", "export"), metavar="PATH"),
     Option("job", _choice("prompts", "raft"), "prompts", "which job to run: prompts (JSONL of chat requests "
            "in, one completion per line out) or raft", metavar="JOB"),
+    # -- the raft job (they change what is generated: recorded in the state dir's fingerprint) --
+    Option("questions", _number(int, 1, 100), 5, "raft: questions generated per chunk (one call per chunk)",
+           metavar="N"),
+    Option("distractors", _number(int, 0, 100), 3, "raft: distractor chunks in the context of each record",
+           metavar="K"),
+    Option("p", _number(float, 0.0, 1.0), 0.8, "raft: probability that a record's context holds its oracle chunk "
+           "(the RAFT paper's P)", metavar="P"),
+    Option("chunk_size", _number(int, 16, 100_000), 512, "raft: chunk size in estimated tokens (4 characters a "
+           "token)", metavar="TOKENS"),
+    Option("chunk_overlap", _number(int, 0, 50_000), 0, "raft: tokens of whole sentences that neighbouring chunks "
+           "share (at most half of --chunk-size)", metavar="TOKENS"),
+    Option("chunker", _choice("simple", "semantic"), "simple", "raft: simple (offline, sentence-aware) or semantic "
+           "(cuts where /v1/embeddings shows the topic moving; those calls are journaled like every other)",
+           metavar="KIND"),
+    Option("embedding_model", _text, "text-embedding-3-small", "raft: embeddings model of --chunker semantic",
+           metavar="NAME"),
+    Option("prompt_style", _choice("gpt", "llama"), "gpt", "raft: built-in prompts, as raft.py's gpt and llama "
+           "prompt keys", metavar="STYLE"),
+    Option("question_template", _optional_text, None, "raft: question prompt file: text is the user message "
+           "with {chunk} and {n}; .json is a list of {role, content} messages", metavar="FILE"),
+    Option("answer_template", _optional_text, None, "raft: answer prompt file: text is the user message with "
+           "{question} and {context}; .json is a list of {role, content} messages", metavar="FILE"),
+    Option("json_text_field", _text, "text", "raft: field holding the text of .json and .jsonl documents",
+           metavar="FIELD"),
+    Option("max_document_mb", _number(float, 0.001), 64.0, "raft: larger documents are recorded in errors.jsonl "
+           "and skipped", metavar="MB"),
+    Option("answer_retries", _number(int, 0, 20), 2, "raft: paid retries of an answer without <ANSWER>: (or of a "
+           "question call without questions) before it is set aside as failed with its raw text", metavar="N"),
+    Option("max_records", _number(int, 0), 0, "raft: stop cleanly (exit 75) once the state dir holds this many "
+           "records; raise it and run again to continue (0 = no cap)", metavar="N"),
+    Option("seed", _number(int, 0), 0, "raft: seed of the distractor sampling and of export --split",
+           metavar="N"),
+    # -- export of raft datasets --
+    Option("split", _split_spec, "", "export: also write NAME=FRACTION of the records (comma-separated for more) "
+           "to OUT with .NAME before the suffix, e.g. eval=0.1; chosen by record id with the --seed of the run",
+           commands=("export",), metavar="SPEC"),
+    Option("system_prompt", _optional_text, None, "export --format chat: system message opening every "
+           "conversation", commands=("export",), metavar="TEXT"),
+    Option("prompt_column", _column, "prompt", "export --format completion: name of the prompt column",
+           commands=("export",), metavar="NAME"),
+    Option("completion_column", _column, "completion", "export --format completion: name of the completion "
+           "column", commands=("export",), metavar="NAME"),
+    Option("stop_token", _text, "<STOP>", "export --format completion: appended to every completion (empty = "
+           "none)", commands=("export",), metavar="TEXT"),
     Option("base_url", _url_list, ("https://api.openai.com/v1",), "OpenAI-compatible base URL, e.g. "
            "http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp) or an Azure deployment URL", metavar="URL"),
     Option("model", _optional_text, None, "model name sent with every request (overrides the model in "
@@ -137,7 +224,7 @@ OPTIONS: tuple[Option, ...] = (
            metavar="S"),
     Option("connect_timeout", _number(float, 0.1), 10.0, "seconds to open a connection", metavar="S"),
     Option("stall_timeout", _number(float, 0.1), 120.0, "the watchdog cancels and retries a call that shows no "
-           "progress (connection, headers, body bytes) for this many seconds", metavar="S"),
+           "progress (connection, response headers, complete body) for this many seconds", metavar="S"),
     Option("max_retries", _number(int, 0, 1000), 8, "retries of one call on 429/5xx/timeouts before it is "
            "left for the next run (never recorded as failed)", metavar="N"),
     Option("backoff_base", _number(float, 0.0), 1.0, "first retry delay in seconds (exponential, full jitter)",
@@ -159,9 +246,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("output_tokens_estimate", _number(int, 1), 256, "expected completion tokens for a request without "
            "max_tokens, used by --tpm until real usage is seen", metavar="N"),
     Option("price_input_per_m", _number(float, 0), 0.0, "price of one million prompt tokens, for the cost "
-           "estimate and --max-cost", metavar="USD"),
+           "estimate and --max-cost", commands=("run", "status", "demo"), metavar="USD"),
     Option("price_output_per_m", _number(float, 0), 0.0, "price of one million completion tokens, for the cost "
-           "estimate and --max-cost", metavar="USD"),
+           "estimate and --max-cost", commands=("run", "status", "demo"), metavar="USD"),
     Option("max_cost", _number(float, 0), 0.0, "stop cleanly (exit 75) once the estimated cost of the state dir "
            "reaches this; raise it and run again to continue (0 = no cap)", metavar="USD"),
     Option("max_tokens_total", _number(int, 0), 0, "stop cleanly (exit 75) once the state dir has used this many "
@@ -180,6 +267,19 @@ OPTIONS: tuple[Option, ...] = (
            commands=("run", "demo"), metavar="FMT"),
     Option("progress_interval", _number(float, 0.1), 5.0, "seconds between progress lines",
            commands=("run", "demo"), metavar="S"),
+    Option("progress", _choice("auto", "live", "lines", "off"), "auto", "progress display: live (redrawn "
+           "table, needs a terminal), lines (one line every --progress-interval), off; auto = live on a terminal, "
+           "lines otherwise", commands=("run", "demo"), metavar="MODE"),
+    Option("metrics_port", _optional_port, None, "serve Prometheus /metrics and /healthz on this port (0 = any "
+           "free port, logged and written to status.json; empty = no server)", commands=("run", "demo"),
+           metavar="PORT"),
+    Option("metrics_host", _text, "127.0.0.1", "address the metrics and health server listens on (0.0.0.0 "
+           "inside a container so that the port can be published)", commands=("run", "demo"), metavar="HOST"),
+    Option("health_writer_timeout", _number(float, 0.1), 120.0, "/healthz fails when the journal writer holds "
+           "records but has committed nothing for this many seconds", commands=("run", "demo"), metavar="S"),
+    Option("health_stall_timeout", _number(float, 0.1), 300.0, "/healthz fails when tasks wait but no call, "
+           "retry, commit or rate-limit wait has happened for this many seconds (never less than --backoff-max "
+           "plus 1 s, or two request intervals of --rpm)", commands=("run", "demo"), metavar="S"),
     Option("failpoints", _text, "", "test hook: comma-separated failpoints (name[=action][@hit])",
            flag=False),
 )
@@ -194,6 +294,26 @@ class Settings:
     state_dir: str = "asyncraft-state"
     input: str = ""
     job: str = "prompts"
+    questions: int = 5
+    distractors: int = 3
+    p: float = 0.8
+    chunk_size: int = 512
+    chunk_overlap: int = 0
+    chunker: str = "simple"
+    embedding_model: str = "text-embedding-3-small"
+    prompt_style: str = "gpt"
+    question_template: str | None = None
+    answer_template: str | None = None
+    json_text_field: str = "text"
+    max_document_mb: float = 64.0
+    answer_retries: int = 2
+    max_records: int = 0
+    seed: int = 0
+    split: str = ""
+    system_prompt: str | None = None
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    stop_token: str = "<STOP>"
     base_url: tuple[str, ...] = ("https://api.openai.com/v1",)
     model: str | None = None
     api_type: str = "auto"
@@ -226,6 +346,11 @@ class Settings:
     salvage: bool = False
     log_format: str = "text"
     progress_interval: float = 5.0
+    progress: str = "auto"
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    health_writer_timeout: float = 120.0
+    health_stall_timeout: float = 300.0
     failpoints: str = ""
     api_key: str | None = field(default=None, repr=False)
 

@@ -1,4 +1,9 @@
-"""``asyncraft demo``: the whole pipeline against the built-in simulator, with a few injected faults."""
+"""``asyncraft demo``: the RAFT job end to end on the bundled documents against the built-in simulator.
+
+The simulator runs in this process on 127.0.0.1 with a few injected faults (429s with Retry-After
+and 500s), so the demo shows retries without a real model or key. It writes the state dir, a RAFT
+dataset and its chat fine-tuning version into one folder and prints how to look at them.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +13,39 @@ import sys
 import tempfile
 from pathlib import Path
 
-import orjson
-
 from asyncraft import app, export, store
 from asyncraft.config import Settings
 
-DEMO_TOPICS = [
-    "why the sky is blue", "how tides work", "what a hash function is", "how vaccines train immunity",
-    "why bread rises", "how a bicycle stays upright", "what causes seasons", "how compilers work",
-    "why leaves change colour", "how rainbows form",
-]
-
-
-def write_demo_prompts(path: Path, n: int = 200) -> None:
-    with open(path, "wb") as fh:
-        for i in range(n):
-            topic = DEMO_TOPICS[i % len(DEMO_TOPICS)]
-            line = {"custom_id": f"demo-{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"messages": [{"role": "system", "content": "You are a concise teacher."},
-                                          {"role": "user", "content": f"Explain {topic} (variant {i})."}],
-                             "max_tokens": 64}}
-            fh.write(orjson.dumps(line) + b"\n")
+DEMO_DOCS = Path(__file__).resolve().parent / "data" / "docs"
 
 
 async def _demo(settings: Settings, workdir: Path) -> int:
     from asyncraft.simulate import SimConfig, Simulator
 
-    sim_cfg = SimConfig(port=0, latency_ms=80, latency_dist="lognormal", p_429=0.03, p_500=0.02, seed=7)
+    sim_cfg = SimConfig(port=0, latency_ms=80, latency_dist="lognormal", p_429=0.04, p_500=0.03,
+                        fault_retry_after=0.2, seed=7)
+    state = workdir / "state"
     async with Simulator(sim_cfg) as sim:
-        prompts = workdir / "requests.jsonl"
-        write_demo_prompts(prompts)
-        state = workdir / "state"
-        s = dataclasses.replace(settings, job="prompts", input=str(prompts), state_dir=str(state),
+        s = dataclasses.replace(settings, job="raft", input=str(DEMO_DOCS), state_dir=str(state),
                                 base_url=(sim.base_url,), model="sim-1", concurrency=32, backoff_base=0.05,
-                                backoff_max=1.0, api_key="demo-key", progress_interval=1.0)
-        print(f"asyncraft demo: simulator at {sim.base_url} (3% 429s, 2% 500s injected)", file=sys.stderr)
+                                backoff_max=1.0, api_key="demo-key", progress_interval=1.0, questions=3,
+                                distractors=3, p=0.8, chunk_size=128, chunk_overlap=0)
+        print(f"asyncraft demo: RAFT on {DEMO_DOCS} against the simulator at {sim.base_url} "
+              "(4% 429s and 3% 500s injected)", file=sys.stderr)
         code = await app.main(s)
-    out = workdir / "results.jsonl"
-    counts = await asyncio.to_thread(export.export, store.StateDir(state), "prompts", out)
-    print(f"\nasyncraft demo: exit {code}; {sum(counts.values())} results in {out}")
-    print(f"  look at the journal:  python -m asyncraft tail --state-dir {state}")
-    print(f"  status:               python -m asyncraft status --state-dir {state}")
-    print(f"  check integrity:      python -m asyncraft verify --state-dir {state}")
+    sd = store.StateDir(state)
+    raft_out = workdir / "raft.jsonl"
+    chat_out = workdir / "train.jsonl"
+    counts = await asyncio.to_thread(export.export, sd, "raft", raft_out, settings=s)
+    chat_settings = dataclasses.replace(s, split="eval=0.1", system_prompt="Answer from the documents; quote them.")
+    await asyncio.to_thread(export.export, sd, "chat", chat_out, settings=chat_settings)
+    print(f"\nasyncraft demo: exit {code}; {sum(counts.values())} RAFT records")
+    print(f"  RAFT records (all fields):   {raft_out}")
+    print(f"  chat fine-tuning data:       {chat_out} and {export.split_path(chat_out, 'eval')}")
+    print(f"  tail the journal:            python -m asyncraft tail -f --state-dir {state}")
+    print(f"  status:                      python -m asyncraft status --state-dir {state}")
+    print(f"  other formats:               python -m asyncraft export --state-dir {state} --format "
+          f"completion --out {workdir / 'completion.parquet'}")
     return code
 
 
@@ -57,6 +53,6 @@ def main(settings: Settings, directory: str | None) -> int:
     if directory:
         workdir = Path(directory)
         workdir.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(_demo(settings, workdir))
-    workdir = Path(tempfile.mkdtemp(prefix="asyncraft-demo-"))
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="asyncraft-demo-"))
     return asyncio.run(_demo(settings, workdir))

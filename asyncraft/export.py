@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from asyncraft import store
+from asyncraft import records, store
 from asyncraft.errors import ConfigError
 from asyncraft.jobs.base import InputProblem
 from asyncraft.records import id_key
 
+if TYPE_CHECKING:
+    from asyncraft.config import Settings
+    from asyncraft.jobs.raft import ChunkInfo
+
+log = logging.getLogger("asyncraft")
+
 PARQUET_BATCH = 10_000
+RAFT_FORMATS = ("raft", "chat", "completion", "eval")
 
 
 def results_index(sd: store.StateDir) -> tuple[dict[int, int], list[Path]]:
@@ -52,7 +62,7 @@ class _Reader:
         if fh is None:
             fh = self._files[pid] = open(self._paths[pid], "rb")  # noqa: SIM115 - closed in close()
         fh.seek(offset)
-        rec = store.records.decode(fh.readline())
+        rec = records.decode(fh.readline())
         if rec is None:
             raise ConfigError(f"{self._paths[pid]}: damaged record at byte {offset}; run `asyncraft verify`")
         return rec
@@ -95,11 +105,18 @@ def prompts_rows(sd: store.StateDir, input_path: Path, meta: dict[str, Any]) -> 
         reader.close()
 
 
-def export(sd: store.StateDir, fmt: str, out: Path, *, input_override: str | None = None) -> dict[str, int]:
+def export(sd: store.StateDir, fmt: str, out: Path, *, input_override: str | None = None,
+           settings: Settings | None = None) -> dict[str, int]:
     meta = sd.read_meta()
     if meta is None:
         raise ConfigError(f"{sd.root} is not an asyncraft state dir (no asyncraft.json); pass --state-dir")
     job = meta.get("job")
+    if fmt in RAFT_FORMATS:
+        if job != "raft":
+            raise ConfigError(f"--format {fmt} needs a raft job; {sd.root} holds a {job} job (use --format {job})")
+        from asyncraft.config import Settings
+
+        return export_raft(sd, meta, fmt, out, settings or Settings())
     if fmt == "prompts":
         if job != "prompts":
             raise ConfigError(f"--format prompts needs a prompts job; {sd.root} holds a {job} job")
@@ -163,3 +180,195 @@ def _write_parquet(rows: Iterator[dict[str, Any]], path: Path, counts: dict[str,
                 batch.clear()
         if batch:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+
+
+# -- the raft job's formats ------------------------------------------------------------------------
+
+
+@dataclass
+class RaftCorpus:
+    """What a raft state dir holds: every chunk (sorted) and where each answered question's record is."""
+
+    chunks: list[ChunkInfo]
+    position: dict[str, int]  # chunk id -> index in chunks
+    answers: list[tuple[int, int, str, int]]  # (chunk position, question index, answer id, packed location)
+    paths: list[Path]
+    failed: int
+    orphans: int
+
+
+def load_raft(sd: store.StateDir) -> RaftCorpus:
+    """One pass over the journal. Chunk texts are kept in memory (each once); answers only as
+    locations, read back one at a time when the rows are written."""
+    from asyncraft.jobs.raft import STAGE_ANSWERS, STAGE_QUESTIONS, ChunkInfo
+
+    chunk_meta: dict[str, dict[str, Any]] = {}
+    chunk_done: set[str] = set()
+    answers: dict[str, tuple[str, int, int]] = {}
+    failed: set[str] = set()
+    paths: list[Path] = []
+    path_ids: dict[Path, int] = {}
+    for rec, loc in store.iter_records(sd):
+        kind = rec.get("k")
+        if kind not in ("done", "fail"):
+            continue
+        stage, tid = rec.get("stage"), rec.get("id")
+        if not isinstance(tid, str):
+            continue
+        if stage == STAGE_QUESTIONS and isinstance(rec.get("text"), str):
+            if tid not in chunk_done:
+                chunk_meta[tid] = {k: rec.get(k) for k in ("source", "doc", "seg", "part", "chunk_index", "text")}
+                if kind == "done":
+                    chunk_done.add(tid)
+        elif stage == STAGE_ANSWERS:
+            if kind == "fail":
+                failed.add(tid)
+            elif tid not in answers and isinstance(rec.get("parent"), str):
+                pid = path_ids.get(loc.path)
+                if pid is None:
+                    pid = path_ids[loc.path] = len(paths)
+                    paths.append(loc.path)
+                answers[tid] = (rec["parent"], int(rec.get("q") or 0), (pid << 40) | loc.offset)
+    chunks = []
+    for cid, m in chunk_meta.items():
+        if m.get("chunk_index") is not None:
+            pos = (0, int(m["chunk_index"]))
+        else:
+            pos = (int(m.get("seg") or 0), int(m.get("part") or 0))
+        chunks.append(ChunkInfo(cid, str(m.get("source") or ""), str(m.get("doc") or ""), pos, m["text"],
+                                m.get("chunk_index")))
+    chunks.sort(key=lambda c: (c.source, c.doc, c.position, c.id))
+    # The semantic chunker learns a chunk's place in its document only here: its rank by position.
+    rank: dict[tuple[str, str], int] = {}
+    for i, c in enumerate(chunks):
+        if c.chunk_index is None:
+            n = rank.get((c.source, c.doc), 0)
+            rank[(c.source, c.doc)] = n + 1
+            chunks[i] = ChunkInfo(c.id, c.source, c.doc, c.position, c.text, n)
+    position = {c.id: i for i, c in enumerate(chunks)}
+    ordered = []
+    orphans = 0
+    for aid, (parent, q, packed) in answers.items():
+        at = position.get(parent)
+        if at is None:
+            orphans += 1  # its question record is damaged or was set aside by --salvage
+            continue
+        ordered.append((at, q, aid, packed))
+    ordered.sort()
+    return RaftCorpus(chunks, position, ordered, paths, len(failed - answers.keys()), orphans)
+
+
+def raft_records(sd: store.StateDir, corpus: RaftCorpus, meta: dict[str, Any],
+                 keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """Assembled RAFT records in a fixed order (document, chunk, question), see ``jobs.raft.assemble``."""
+    from asyncraft.jobs.raft import assemble
+
+    fp = meta.get("fingerprint") or {}
+    k, p, seed = int(fp.get("distractors", 3)), float(fp.get("p", 0.8)), int(fp.get("seed", 0))
+    reader = _Reader(corpus.paths)
+    try:
+        for at, _q, aid, packed in corpus.answers:
+            if keep is not None and not keep(aid):
+                continue
+            rec = reader.get(packed)
+            answer = str((rec.get("message") or {}).get("content") or "")
+            yield assemble(aid, str(rec.get("question") or ""), answer, corpus.chunks[at],
+                           corpus.chunks, at, distractors=k, p=p, seed=seed)
+    finally:
+        reader.close()
+
+
+def format_row(record: dict[str, Any], fmt: str, settings: Settings) -> dict[str, Any]:
+    """One record in one of the layouts of raft.py's format converter."""
+    from asyncraft.raft_prompts import final_answer
+
+    if fmt == "raft":
+        return record
+    instruction, answer = record["instruction"], record["cot_answer"]
+    if fmt == "chat":
+        # OpenAI's chat fine-tuning format. No stop token: chat models end the turn themselves.
+        messages = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+        messages += [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
+        return {"messages": messages}
+    if fmt == "completion":
+        return {settings.prompt_column: instruction, settings.completion_column: answer + settings.stop_token}
+    question = record["question"]
+    context = instruction[: len(instruction) - len(question)] if instruction.endswith(question) else instruction
+    return {"id": record["id"], "question": question, "gold_final_answer": final_answer(answer),
+            "context": context.rstrip("\n")}
+
+
+def raft_schema(fmt: str, settings: Settings) -> Any:
+    import pyarrow as pa
+
+    s = pa.string()
+    if fmt == "raft":
+        context = pa.struct([("title", pa.list_(pa.list_(s))), ("sentences", pa.list_(pa.list_(s)))])
+        return pa.schema([("id", s), ("type", s), ("question", s), ("context", context), ("oracle_context", s),
+                          ("cot_answer", s), ("instruction", s), ("source", s), ("chunk_index", pa.int64()),
+                          ("oracle_in_context", pa.bool_())])
+    if fmt == "chat":
+        return pa.schema([("messages", pa.list_(pa.struct([("role", s), ("content", s)])))])
+    if fmt == "completion":
+        if settings.prompt_column == settings.completion_column:
+            raise ConfigError("--prompt-column and --completion-column must differ")
+        return pa.schema([(settings.prompt_column, s), (settings.completion_column, s)])
+    return pa.schema([("id", s), ("question", s), ("gold_final_answer", s), ("context", s)])
+
+
+def split_assignment(ids: list[str], spec: str, seed: int) -> dict[str, str]:
+    """record id -> split name for the records that leave the main file. Records are ranked by a
+    hash of the id and the seed, and each split takes the next round(fraction * n) of them: the
+    same records always land in the same split, whatever order they were generated in."""
+    from asyncraft.config import parse_split
+
+    parts = parse_split(spec)
+    ranked = sorted(ids, key=lambda i: hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest())
+    out: dict[str, str] = {}
+    at = 0
+    for name, frac in parts:
+        take = round(frac * len(ranked))
+        for rid in ranked[at: at + take]:
+            out[rid] = name
+        at += take
+    return out
+
+
+def split_path(out: Path, name: str) -> Path:
+    return out.with_name(f"{out.stem}.{name}{out.suffix}")
+
+
+def export_raft(sd: store.StateDir, meta: dict[str, Any], fmt: str, out: Path, settings: Settings) -> dict[str, int]:
+    if out.suffix not in (".jsonl", ".json", ".parquet", ""):
+        raise ConfigError(f"--out {out}: use a .jsonl or .parquet file name")
+    if fmt == "completion" and settings.prompt_column == settings.completion_column:
+        raise ConfigError("--prompt-column and --completion-column must differ")
+    corpus = load_raft(sd)
+    k = int((meta.get("fingerprint") or {}).get("distractors", 3))
+    if corpus.answers and len(corpus.chunks) < k + 1:
+        log.warning("the state dir holds %d chunk(s): records get %d distractor(s) instead of %d", len(corpus.chunks),
+                    max(0, len(corpus.chunks) - 1), k)
+    if corpus.failed:
+        log.warning("%d question(s) have no usable answer and are left out (see %s)", corpus.failed,
+                    sd.errors_path)
+    if corpus.orphans:
+        log.warning("%d answer(s) whose question record is missing are left out", corpus.orphans)
+    schema = raft_schema(fmt, settings) if out.suffix == ".parquet" else None
+    seed = int((meta.get("fingerprint") or {}).get("seed", 0))
+    assignment = split_assignment([a[2] for a in corpus.answers], settings.split, seed) if settings.split else {}
+    counts: dict[str, int] = {}
+    targets: list[tuple[str | None, Path]] = [(None, out)]
+    if settings.split:
+        from asyncraft.config import parse_split
+
+        targets += [(name, split_path(out, name)) for name, _ in parse_split(settings.split)]
+    for name, path in targets:
+        def keep(rid: str, name: str | None = name) -> bool:
+            return assignment.get(rid) == name
+
+        rows = (format_row(r, fmt, settings) for r in raft_records(sd, corpus, meta, keep if settings.split else None))
+        written = write_rows(rows, path, schema)
+        counts[name or "ok"] = sum(written.values())
+        if name is not None:
+            log.info("wrote %d %s rows to %s", counts[name], name, path)
+    return counts

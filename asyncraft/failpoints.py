@@ -2,8 +2,9 @@
 
 ``ASYNCRAFT_FAILPOINTS="journal.after_write@3,journal.write=enospc"`` kills the process with
 SIGKILL at the third ``journal.after_write`` and makes journal writes fail with ENOSPC.
-Actions: ``kill`` (default), ``enospc``, ``eio``. ``@N`` fires on the N-th hit (default 1);
-``@N+`` fires on every hit from the N-th on.
+Actions: ``kill`` (default), ``enospc``, ``eio``, ``hang`` (block the calling thread for an hour, as a
+wedged disk or NFS mount would, so tests can watch the health check notice). ``@N`` fires on the N-th
+hit (default 1); ``@N+`` fires on every hit from the N-th on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from asyncraft.errors import ConfigError
@@ -27,7 +29,8 @@ NAMES = frozenset({
     "snapshot.before_release",
     "compact.mid_index",
 })
-ACTIONS = frozenset({"kill", "enospc", "eio"})
+ACTIONS = frozenset({"kill", "enospc", "eio", "hang"})
+HANG_SECONDS = 3600.0
 
 
 @dataclass
@@ -73,5 +76,10 @@ class Failpoints:
             sys.stderr.write(f"asyncraft: failpoint {name} fired: killing the process\n")
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+        if point.action == "hang":
+            sys.stderr.write(f"asyncraft: failpoint {name} fired: blocking this thread\n")
+            sys.stderr.flush()
+            time.sleep(HANG_SECONDS)
+            return
         code = errno.ENOSPC if point.action == "enospc" else errno.EIO
         raise OSError(code, os.strerror(code) + f" (failpoint {name})")

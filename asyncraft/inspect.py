@@ -6,7 +6,8 @@ import contextlib
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -14,6 +15,7 @@ from typing import IO, Any
 import orjson
 
 from asyncraft import records, store
+from asyncraft.cost import Budget
 from asyncraft.errors import ConfigError
 
 
@@ -27,14 +29,19 @@ def _require(sd: store.StateDir) -> dict[str, Any]:
 # -- status ----------------------------------------------------------------------------------------
 
 
-def status(sd: store.StateDir) -> dict[str, Any]:
+def status(sd: store.StateDir, budget: Budget | None = None) -> dict[str, Any]:
+    """Counts of a state dir; a running job's own live numbers when it is running. ``budget`` gives the prices
+    for the cost estimate (a running job reports the cost at its own prices)."""
     meta = _require(sd)
     live = sd.is_locked()
+    priced = budget is not None and bool(budget.price_input_per_m or budget.price_output_per_m)
     if live:
         with contextlib.suppress(FileNotFoundError, orjson.JSONDecodeError):
-            snap = orjson.loads(sd.status_path.read_bytes())
+            snap: dict[str, Any] = orjson.loads(sd.status_path.read_bytes())
             snap["running"] = True
             snap["state_dir"] = str(sd.root)
+            if snap.get("cost") is None and budget is not None and priced:
+                snap["cost"] = round(budget.cost(snap.get("prompt_tokens", 0), snap.get("completion_tokens", 0)), 6)
             return snap
     rec = store.recover(sd, repair=False, check_data=False)
     total = rec.last_input.get("total") if rec.last_input else None
@@ -49,6 +56,8 @@ def status(sd: store.StateDir) -> dict[str, Any]:
         "prompt_tokens": rec.counters.get("prompt_tokens", 0),
         "completion_tokens": rec.counters.get("completion_tokens", 0),
         "journal_seq": rec.next_seq - 1, "input_read": rec.last_input is not None,
+        "cost": (round(budget.cost(rec.counters.get("prompt_tokens", 0), rec.counters.get("completion_tokens", 0)),
+                       6) if budget is not None and priced else None),
     }
 
 
@@ -63,8 +72,25 @@ def format_status(st: dict[str, Any]) -> str:
         f"input       {st.get('input_problems', 0)} problem line(s) (see errors.jsonl)",
         f"tokens      {st.get('prompt_tokens', 0)} prompt + {st.get('completion_tokens', 0)} completion",
     ]
+    cost = st.get("cost")
+    if cost is not None:
+        projected = st.get("cost_projected")
+        lines.append(f"cost        ${cost:.4f} estimated" + (f", ${projected:.4f} projected for the whole input"
+                                                          if projected is not None else ""))
+    else:
+        lines.append("cost        no estimate: set ASYNCRAFT_PRICE_INPUT_PER_M and ASYNCRAFT_PRICE_OUTPUT_PER_M")
     if st.get("running"):
-        lines.append(f"live        {st.get('in_flight', 0)} in flight, {st.get('rate_per_s', 0)}/s")
+        eta = st.get("eta_s")
+        lines.append(f"live        {st.get('in_flight', 0)} in flight, {st.get('rate_per_s', 0)}/s"
+                     + (f", ETA {eta:.0f}s" if eta is not None else "")
+                     + (", cooling down after 429" if st.get("cooling_down") else "")
+                     + (f", stopping: {st['stopping']}" if st.get("stopping") else ""))
+        for name, stage in (st.get("stages") or {}).items():
+            lines.append(f"  {name:<10}{stage.get('done', 0)} done, {stage.get('failed', 0)} failed, "
+                         f"{stage.get('in_flight', 0)} in flight this run; tokens {stage.get('prompt_tokens', 0)}+"
+                         f"{stage.get('completion_tokens', 0)}")
+        if st.get("metrics_url"):
+            lines.append(f"metrics     {st['metrics_url']}/metrics")
     return "\n".join(lines)
 
 
@@ -94,21 +120,118 @@ def describe(rec: dict[str, Any]) -> str:
     return f"{head} {orjson.dumps(rest).decode()[:160]}"
 
 
-def tail(sd: store.StateDir, *, lines: int, follow: bool, raw: bool, out: IO[str] | None = None,
-         poll: float = 0.2, stop_after: float | None = None) -> int:
-    """Print the last ``lines`` records, then (with follow) new ones as they are committed.
+ERROR_KINDS = frozenset({"fail", "ierr", "attempt", "lost"})
 
-    Follows by sequence number, not by file: segment rotation and compaction move records
-    between files, and the sequence number says exactly what was printed already."""
+
+def record_filter(stage: str | None = None, errors: bool = False) -> Callable[[dict[str, Any]], bool]:
+    """Which records ``tail`` shows: one stage's, and/or only problems (failed tasks, bad input, answers the job
+    rejected and asked again, records set aside by --salvage)."""
+
+    def keep(rec: dict[str, Any]) -> bool:
+        if stage is not None and rec.get("stage") != stage:
+            return False
+        return not errors or rec.get("k") in ERROR_KINDS
+
+    return keep
+
+
+class Follower:
+    """Reads a state dir's records in sequence order, each exactly once, while a run appends, rotates and compacts.
+
+    It remembers the last sequence number it handed out and where that record was. New records are read from
+    there; when that file ends for good (a sealed segment, a run) or is gone (released after a compaction), it
+    looks the next sequence number up wherever it now is. A record is handed out only if its sequence number is
+    the next one, so nothing is skipped and nothing is repeated, whatever moves under it."""
+
+    def __init__(self, sd: store.StateDir) -> None:
+        self.sd = sd
+        self.last = 0
+        self._path: Path | None = None
+        self._offset = 0  # a line boundary at or before the first record not yet handed out
+
+    def read_all(self) -> Iterator[dict[str, Any]]:
+        """Every record there is now, in order (lazily: a large state dir is not held in memory)."""
+        return self._scan_iter()
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The records committed since the last call (possibly none)."""
+        got = self._read_current()
+        if got or not self._needs_scan():
+            return got
+        return self._scan()
+
+    def _take(self, rec: dict[str, Any], path: Path, offset: int) -> bool:
+        seq = rec.get("seq", 0)
+        if seq != self.last + 1:
+            return False
+        self.last = seq
+        self._path, self._offset = path, offset
+        return True
+
+    def _scan(self) -> list[dict[str, Any]]:
+        return list(self._scan_iter())
+
+    def _scan_iter(self) -> Iterator[dict[str, Any]]:
+        for rec, loc in store.iter_records(self.sd, after_seq=self.last):
+            if rec.get("seq", 0) <= self.last:
+                continue
+            if not self._take(rec, loc.path, loc.offset):
+                break  # a gap: the record is being moved by a compaction; look again at the next poll
+            yield rec
+
+    def _read_current(self) -> list[dict[str, Any]]:
+        path = self._path
+        if path is None:
+            return []
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            self._path = None
+            return []
+        out = []
+        base = self._offset
+        for pos, end in store.iter_lines(data):
+            if data[end - 1 : end] != b"\n":
+                break  # being written
+            rec = records.decode(data[pos:end])
+            if rec is None:
+                self._path = None  # rewritten under us (salvage) or damaged: find the next record afresh
+                break
+            seq = rec.get("seq", 0)
+            if seq <= self.last:
+                self._offset = base + end
+                continue
+            if not self._take(rec, path, base + pos):
+                self._path = None  # not the next record: look for it elsewhere
+                break
+            self._offset = base + end
+            out.append(rec)
+        return out
+
+    def _needs_scan(self) -> bool:
+        if self._path is None or not self._path.exists():
+            return True
+        segments = self.sd.segments()
+        # At the end of the active segment there is nothing more to find; anywhere else the next record is in
+        # another file.
+        return not segments or segments[-1][1] != self._path
+
+
+def tail(sd: store.StateDir, *, lines: int, follow: bool, raw: bool, stage: str | None = None,
+         errors: bool = False, out: IO[str] | None = None, poll: float = 0.2,
+         stop_after: float | None = None) -> int:
+    """Print the last ``lines`` records (of those the filters keep), then with ``follow`` new ones as they are
+    committed, across segment rotation and snapshot compaction (see ``Follower``)."""
     _require(sd)
     out = out or sys.stdout
-    last = 0
-    recent: list[dict[str, Any]] = []
-    for rec, _loc in store.iter_records(sd):
-        recent.append(rec)
-        if len(recent) > lines:
-            del recent[0]
-        last = max(last, rec.get("seq", 0))
+    keep = record_filter(stage, errors)
+    follower = Follower(sd)
+    recent: deque[dict[str, Any]] = deque(maxlen=max(lines, 0))
+    for rec in follower.read_all():
+        if keep(rec):
+            recent.append(rec)
     for rec in recent:
         _emit(rec, raw, out)
     out.flush()
@@ -116,13 +239,10 @@ def tail(sd: store.StateDir, *, lines: int, follow: bool, raw: bool, out: IO[str
     while follow:
         if stop_after is not None and time.monotonic() - start > stop_after:
             break
-        got = False
-        for rec, _loc in store.iter_records(sd, after_seq=last):
-            if rec.get("seq", 0) != last + 1:
-                break  # not committed in order yet (or a gap being filled): wait for it
-            _emit(rec, raw, out)
-            last += 1
-            got = True
+        got = follower.poll()
+        for rec in got:
+            if keep(rec):
+                _emit(rec, raw, out)
         out.flush()
         if not got:
             time.sleep(poll)

@@ -412,6 +412,14 @@ class Simulator:
         return resp
 
     async def _embeddings(self, request: web.Request) -> web.Response:
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            return await self._embeddings_inner(request)
+        finally:
+            self.stats.in_flight -= 1
+
+    async def _embeddings_inner(self, request: web.Request) -> web.Response:
         self.stats.requests += 1
         self.stats.embeddings += 1
         denied = self._check_auth(request)

@@ -1,0 +1,167 @@
+"""RAFT benchmarks: wall time against the critical path, and chunker throughput.
+
+    python bench/bench_raft.py pipeline   # >= 200 chunks x 3 questions, 1 s fixed latency, concurrency 1,000
+    python bench/bench_raft.py chunker    # the simple chunker on ~50 MB of text
+    python bench/bench_raft.py all
+
+``pipeline`` runs the real CLI against the built-in simulator (a separate process on 127.0.0.1).
+With every question call in flight at once and every answer call in flight as soon as its
+question is back, the fastest possible run is one question call plus one answer call plus the
+start-up; the start-up is measured in the same run as the time of the same command on the
+finished state dir (interpreter, imports, recovery, reading and chunking the input, no call).
+
+``chunker`` compares the chunker with ``str.split`` over the same text (a lower bound for any
+pass over the text in Python) and reports MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from asyncraft import chunking  # noqa: E402
+
+DOCS = ROOT / "asyncraft" / "data" / "docs"
+
+
+class Sim:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "simulate", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().rsplit(" ", 1)[-1].strip()
+        self.root = self.base_url[: -len("/v1")]
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.root + "/_sim/stats", timeout=30) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.root + "/_sim/reset", data=b"{}", method="POST")
+        urllib.request.urlopen(req, timeout=30).close()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def write_corpus(folder: Path, editions: int) -> None:
+    """The bundled documents in several editions; each sentence carries its edition, so no chunk of
+    one edition equals a chunk of another (identical chunks would be one task)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for doc in sorted(DOCS.iterdir()):
+        text = doc.read_text(encoding="utf-8")
+        for e in range(editions):
+            marked = re.sub(r"([.!?])(\s)", rf"\1 [ed. {e}]\2", text)
+            (folder / f"{doc.stem}-{e}{doc.suffix}").write_text(marked, encoding="utf-8")
+
+
+def count_chunks(folder: Path, size: int) -> int:
+    """Distinct chunks (identical chunks are one task)."""
+    return len({c.text for p in sorted(folder.iterdir())
+                for c in chunking.chunk_text(p.read_text(encoding="utf-8"), size)})
+
+
+def cli(args: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "asyncraft", *args], env=env, cwd=ROOT, capture_output=True,
+                         text=True)
+    elapsed = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"asyncraft {' '.join(args)} exited {res.returncode}:\n{res.stderr[-2000:]}")
+    return elapsed
+
+
+def bench_pipeline(ns: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-raft-"))
+    latency = ns.latency_ms / 1000
+    sim = Sim("--latency-ms", str(ns.latency_ms), "--latency-dist", "fixed")
+    try:
+        corpus = tmp / "docs"
+        write_corpus(corpus, ns.editions)
+        chunks = count_chunks(corpus, ns.chunk_size)
+        concurrency = max(ns.concurrency, chunks * ns.questions)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ASYNCRAFT_", "OPENAI_"))}
+        env.update({"ASYNCRAFT_BASE_URL": sim.base_url, "ASYNCRAFT_MODEL": "sim-1", "ASYNCRAFT_API_KEY": "bench",
+                    "ASYNCRAFT_PROGRESS": "off", "ASYNCRAFT_PROGRESS_INTERVAL": "1000"})
+        args = ["run", "--job", "raft", "--input", str(corpus), "--state-dir", str(tmp / "state"), "--questions",
+                str(ns.questions), "--chunk-size", str(ns.chunk_size), "--concurrency", str(concurrency)]
+        runs, startups = [], []
+        for _ in range(ns.rounds):
+            shutil.rmtree(tmp / "state", ignore_errors=True)
+            sim.reset()
+            runs.append(cli(args, env))
+            paid = sim.stats()["paid"]
+            startups.append(cli(args, env))  # the same command on the finished state: no call left
+        wall, startup = min(runs), min(startups)
+        critical = startup + 2 * latency
+        print(f"pipeline: {chunks} chunks x {ns.questions} questions: {paid} calls, {ns.latency_ms:g} ms fixed "
+              f"latency, concurrency {concurrency}: wall {wall:.2f}s; critical path {critical:.2f}s (start-up "
+              f"{startup:.2f}s + question {latency:g}s + answer {latency:g}s) -> ratio {wall / critical:.3f} "
+              f"(target <= 1.3); rounds wall={[round(x, 2) for x in runs]} start-up={[round(x, 2) for x in startups]}")
+    finally:
+        sim.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_chunker(ns: argparse.Namespace) -> None:
+    base = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.iterdir()))
+    parts, size, i = [], 0, 0
+    while size < ns.mb * 1_000_000:
+        piece = re.sub(r"([.!?])(\s)", rf"\1 [{i}]\2", base)
+        parts.append(piece)
+        size += len(piece)
+        i += 1
+    text = "\n\n".join(parts)
+    mb = len(text.encode("utf-8")) / 1e6
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(ns.rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_split = best(lambda: len(text.split()))
+    t_chunk = best(lambda: chunking.chunk_text(text, 512, 0))
+    t_overlap = best(lambda: chunking.chunk_text(text, 512, 64))
+    t_sent = best(lambda: chunking.sentences(text, 512))
+    n = len(chunking.chunk_text(text, 512, 0))
+    print(f"chunker: {mb:.1f} MB, {n:,} chunks of 512 tokens: {mb / t_chunk:.1f} MB/s (target >= 20), with 64-token "
+          f"overlap {mb / t_overlap:.1f} MB/s, sentence split (semantic chunker) {mb / t_sent:.1f} MB/s; baseline "
+          f"str.split {mb / t_split:.1f} MB/s -> ratio {t_split / t_chunk:.2f} of str.split's speed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["pipeline", "chunker", "all"])
+    parser.add_argument("--editions", type=int, default=6, help="copies of the bundled documents (default 6)")
+    parser.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk (default 64)")
+    parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=1000.0)
+    parser.add_argument("--concurrency", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--mb", type=float, default=50.0, help="text size for the chunker benchmark")
+    ns = parser.parse_args()
+    if ns.which in ("pipeline", "all"):
+        bench_pipeline(ns)
+    if ns.which in ("chunker", "all"):
+        bench_chunker(ns)
+
+
+if __name__ == "__main__":
+    main()
