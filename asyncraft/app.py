@@ -29,7 +29,7 @@ from asyncraft.failpoints import Failpoints
 from asyncraft.jobs.base import Job, Task
 from asyncraft.journal import Journal
 from asyncraft.limits import Limits
-from asyncraft.metrics import HealthMonitor, Metrics, TrackedJournal
+from asyncraft.metrics import HealthMonitor, Metrics
 from asyncraft.progress import Reporter, RunView, StageTally
 from asyncraft.scheduler import Scheduler
 
@@ -150,11 +150,11 @@ class Runner:
         s = self.settings
         limits = Limits(s.rpm, s.tpm)
         tally = StageTally()
-        journal = TrackedJournal(self.sd, recovered, fsync=s.fsync, fsync_interval=s.fsync_interval,
-                                 segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
-                                 disk_full_wait=s.disk_full_wait, failpoints=self.failpoints,
-                                 on_error=self._journal_failed, on_commit=tally.on_commit,
-                                 max_pending=65536 + 2 * s.concurrency)
+        journal = Journal(self.sd, recovered, fsync=s.fsync, fsync_interval=s.fsync_interval,
+                          segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
+                          disk_full_wait=s.disk_full_wait, failpoints=self.failpoints,
+                          on_error=self._journal_failed, on_commit=tally.on_commit,
+                          max_pending=65536 + 2 * s.concurrency)
         self.journal = journal
         metrics = Metrics() if s.metrics_port is not None else None
         pool = EndpointPool(s.base_url, api_key=s.api_key, api_type=s.resolved_api_type(),

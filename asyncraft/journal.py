@@ -55,6 +55,11 @@ class Journal:
         self._fp = failpoints or Failpoints()
         self._on_error = on_error
         self.on_commit = on_commit  # sees each batch of records once it is on disk (counters, metrics)
+        # For the health check: a wedged writer shows as records waiting while nothing commits. Kept
+        # per commit, not per record: when the queue last became non-empty, when this commit began.
+        self._waiting_since: float | None = None
+        self._commit_started: float | None = None
+        self._in_commit = 0
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_pending)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-journal")
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-compact")
@@ -94,6 +99,8 @@ class Journal:
         if self.closed:
             raise JournalError("journal is closed")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         await self._queue.put((record, fut))
         return await fut
 
@@ -107,8 +114,18 @@ class Journal:
         if self.closed:
             raise JournalError("journal is closed")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self._queue.put_nowait((record, fut))
         return fut
+
+    def uncommitted(self) -> tuple[int, float | None]:
+        """(records handed over and not yet on disk, monotonic time the oldest of them may date from)."""
+        n = self._queue.qsize() + self._in_commit
+        if not n:
+            return 0, None
+        since = [t for t in (self._commit_started, self._waiting_since) if t is not None]
+        return n, min(since) if since else None
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -130,6 +147,7 @@ class Journal:
                         closing = True
                         break
                     batch.append(nxt)
+                self._waiting_since = None if self._queue.empty() else time.monotonic()
                 if batch:
                     await self._commit(loop, batch)
                 self._reap_compaction()
@@ -169,6 +187,7 @@ class Journal:
             seq += 1
         data = b"".join(lines)
         sync = self._policy != "off"
+        self._commit_started, self._in_commit = time.monotonic(), len(batch)
         deadline = time.monotonic() + self._disk_full_wait
         delay = 0.5
         try:
@@ -188,6 +207,8 @@ class Journal:
                 if not fut.done():
                     fut.set_exception(err)
             raise
+        finally:
+            self._commit_started, self._in_commit = None, 0
         self.last_fsync_seconds = elapsed
         self.next_seq = seq
         self._since_snapshot += len(batch)

@@ -43,37 +43,6 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 
 SAMPLE_EVERY = 1.0  # seconds between health samples
 
 
-class TrackedJournal(Journal):
-    """The engine's journal, remembering when each record was handed to it until it is committed.
-
-    The queue alone cannot show a wedged writer: the batch it is stuck on has left the queue, and workers
-    waiting for their acknowledgements add nothing new. Records handed over but not committed can."""
-
-    def __init__(self, *args: Any, on_commit: Callable[[list[dict[str, Any]]], None] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, on_commit=self._committed, **kwargs)
-        self._then = on_commit
-        self._pending: dict[int, float] = {}  # id(record) -> when it was handed over
-
-    def submit(self, record: dict[str, Any]) -> asyncio.Future[int]:
-        self._pending.setdefault(id(record), time.monotonic())
-        return super().submit(record)
-
-    async def append(self, record: dict[str, Any]) -> int:
-        self._pending.setdefault(id(record), time.monotonic())
-        return await super().append(record)
-
-    def _committed(self, batch: list[dict[str, Any]]) -> None:
-        for record in batch:
-            self._pending.pop(id(record), None)
-        if self._then is not None:
-            self._then(batch)
-
-    def uncommitted(self) -> tuple[int, float | None]:
-        """(records handed over and not yet on disk, monotonic time the oldest of them was handed over)."""
-        return len(self._pending), min(self._pending.values(), default=None)
-
-
 class HealthMonitor:
     """Decides whether the run is stuck, from how long its counters have stood still.
 
@@ -89,7 +58,6 @@ class HealthMonitor:
         self._clock = clock
         self._signature: tuple[Any, ...] | None = None
         self._last_change = clock()
-        self._queued_since: float | None = None
 
     def _progress_signature(self) -> tuple[Any, ...]:
         sched, st = self.sched, self.sched.stats
@@ -114,11 +82,6 @@ class HealthMonitor:
         if sig != self._signature or self._waiting_legitimately():
             self._signature = sig
             self._last_change = now
-        if self.journal.queue_depth() > 0:
-            if self._queued_since is None:
-                self._queued_since = now
-        else:
-            self._queued_since = None
 
     def effective_stall_timeout(self) -> float:
         """The configured limit, raised to cover waits that are legitimate by construction."""
@@ -137,10 +100,7 @@ class HealthMonitor:
         sched, journal = self.sched, self.journal
         if journal.error is not None:
             return False, f"journal failed: {journal.error}"
-        if isinstance(journal, TrackedJournal):
-            waiting, since = journal.uncommitted()
-        else:
-            waiting, since = journal.queue_depth(), self._queued_since
+        waiting, since = journal.uncommitted()
         if waiting and since is not None:
             stuck = now - max(journal.last_progress, since)
             if stuck > self.writer_timeout:
@@ -271,9 +231,8 @@ class _Collector:
         yield gauge("asyncraft_queue_depth", "tasks queued for a worker", sched.queue.qsize())
         yield gauge("asyncraft_in_flight", "API calls in flight", len(sched.inflight))
         yield gauge("asyncraft_journal_queue_depth", "records waiting for the journal writer", journal.queue_depth())
-        if isinstance(journal, TrackedJournal):
-            yield gauge("asyncraft_journal_uncommitted", "records handed to the writer and not yet on disk "
-                        "(queued or in the commit under way)", journal.uncommitted()[0])
+        yield gauge("asyncraft_journal_uncommitted", "records handed to the writer and not yet on disk "
+                    "(queued or in the commit under way)", journal.uncommitted()[0])
         yield CounterMetricFamily("asyncraft_journal_bytes", "bytes appended to the journal by this process",
                                   value=journal.bytes_written)
         yield CounterMetricFamily("asyncraft_journal_commits", "group commits (one write + one fsync each)",

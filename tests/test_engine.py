@@ -489,3 +489,25 @@ def test_watch_mode_picks_up_new_input_lines(sim_factory: Any, tmp_path: Path) -
     assert sim.stats()["requests"] == 6
     rows = export_rows(state, env, tmp_path / "o.jsonl")
     assert [r["custom_id"] for r in rows if r["status"] == "ok"] == [f"req-{i}" for i in range(5)] + ["late"]
+
+
+def test_prompts_export_to_parquet_matches_the_jsonl_export(sim_factory: Any, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    sim = sim_factory()
+    inp = tmp_path / "in.jsonl"
+    write_prompts(inp, 12)
+    with open(inp, "ab") as fh:
+        fh.write(b"{broken\n")
+    env = cli_env(sim)
+    assert run_job(inp, tmp_path / "state", env).returncode == 0
+    rows = export_rows(tmp_path / "state", env, tmp_path / "o.jsonl")
+    res = run_cli("export", "--state-dir", str(tmp_path / "state"), "--format", "prompts", "--out",
+                  str(tmp_path / "o.parquet"), env=env)
+    assert res.returncode == 0, res.stderr
+    table = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert [(r["line"], r["custom_id"], r["status"], r["content"]) for r in table] == \
+        [(r["line"], r["custom_id"], r["status"], r.get("content")) for r in rows]
+    assert table[0]["usage"] == rows[0]["usage"] and table[-1]["status"] == "invalid"
+    bad = run_cli("export", "--state-dir", str(tmp_path / "state"), "--format", "prompts", "--out",
+                  str(tmp_path / "o.csv"), env=env)
+    assert bad.returncode != 0 and ".jsonl or .parquet" in bad.stderr
