@@ -124,8 +124,10 @@ class EndpointPool:
         """The usable endpoint with the fewest calls in flight (ties in turn). If none is usable, the first try
         still goes to the one that comes back soonest, so a lone endpoint is never refused; a failover
         (``exclude`` not empty) gets None instead."""
-        now = self._clock()
         n = len(self.endpoints)
+        if n == 1:  # the common case: one server, never refused, nothing to fail over to
+            return None if exclude else self.endpoints[0]
+        now = self._clock()
         start = self._turn % n
         self._turn += 1
         best: Endpoint | None = None

@@ -127,7 +127,7 @@ def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: 
 
 
 def bench_throughput(_: argparse.Namespace) -> None:
-    compare(["--latency-ms", "0"], 20_000, 100, 3, 0.85, "throughput (0 ms, c=100, 20k)")
+    compare(["--latency-ms", "0"], 20_000, 100, 5, 0.85, "throughput (0 ms, c=100, 20k)")
 
 
 def bench_latency(_: argparse.Namespace) -> None:
