@@ -24,6 +24,9 @@ examples:
   python -m asyncraft simulate --port 8000 --latency-ms 500 &
   ASYNCRAFT_BASE_URL=http://127.0.0.1:8000/v1 ASYNCRAFT_MODEL=sim-1 \\
       python -m asyncraft run --job prompts --input requests.jsonl --state-dir state/
+  ASYNCRAFT_BASE_URL=http://127.0.0.1:8000/v1 ASYNCRAFT_MODEL=sim-1 \\
+      python -m asyncraft run --job raft --input docs/ --state-dir raft-state/ --questions 5
+  python -m asyncraft export --state-dir raft-state/ --format chat --out train.jsonl --split eval=0.1
   python -m asyncraft status --state-dir state/ --json
   python -m asyncraft tail -f --state-dir state/
   python -m asyncraft export --state-dir state/ --format prompts --out results.jsonl
