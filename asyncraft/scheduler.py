@@ -93,6 +93,11 @@ class Scheduler:
         self._key = api_key
         self._on_problem = on_problem
         self.queue: asyncio.Queue[Task | None] = asyncio.Queue(maxsize=max(concurrency, 256))
+        # The feeder refills the queue in bursts: it waits for room until the queue is half empty,
+        # instead of being woken to put one task each time a worker takes one.
+        self._room = asyncio.Event()
+        self._room.set()
+        self._low_water = self.queue.maxsize // 2
         self.children: deque[Task] = deque(job.recovered_children(self.done, self.failed))
         self._queued: set[int] = set()
         self.active = 0
@@ -124,6 +129,7 @@ class Scheduler:
             log.warning("stopping: %s", reason)
         self._stop_event.set()
         self._wake.set()
+        self._room.set()
         # Workers still waiting for the rate limiter have not called anyone yet: end them now.
         for waiter in list(self._limit_waiters):
             waiter.cancel()
@@ -237,11 +243,16 @@ class Scheduler:
         key = id_key(task.id)
         if key in self.done or key in self.failed or key in self._queued:
             return
+        if self.queue.full():
+            self._room.clear()
+            await self._room.wait()
+            if self.stopping is not None:
+                return  # not started: it runs on the next start
         if task.attempt == 0 and self._attempts.get(key):
             task = self._resume_attempts(task, self._attempts[key])
         self._queued.add(key)
         self.active += 1
-        await self.queue.put(task)
+        self.queue.put_nowait(task)
 
     def _resume_attempts(self, task: Task, paid: int) -> Task:
         # The job may vary the request per attempt; ask it for the next one after those already paid.
@@ -278,6 +289,8 @@ class Scheduler:
         try:
             while True:
                 task = await self.queue.get()
+                if not self._room.is_set() and self.queue.qsize() <= self._low_water:
+                    self._room.set()
                 if task is None:
                     return
                 ack: asyncio.Future[int] | None = None
