@@ -250,9 +250,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("price_output_per_m", _number(float, 0), 0.0, "price of one million completion tokens, for the cost "
            "estimate and --max-cost", commands=("run", "status", "demo"), metavar="USD"),
     Option("max_cost", _number(float, 0), 0.0, "stop cleanly (exit 75) once the estimated cost of the state dir "
-           "reaches this; raise it and run again to continue (0 = no cap)", metavar="USD"),
+           "reaches this (calls already in flight still finish and count); raise it and run again to continue "
+           "(0 = no cap)", metavar="USD"),
     Option("max_tokens_total", _number(int, 0), 0, "stop cleanly (exit 75) once the state dir has used this many "
-           "tokens (prompt + completion); raise it and run again to continue (0 = no cap)", metavar="N"),
+           "tokens (prompt + completion; calls already in flight still finish and count); raise it and run again "
+           "to continue (0 = no cap)", metavar="N"),
     Option("watch", _parse_bool, False, "keep running when the input is done and pick up new or changed input "
            "as it appears (until SIGINT/SIGTERM)", is_bool=True),
     Option("watch_interval", _number(float, 0.05), 10.0, "seconds between scans of the input in --watch mode",
