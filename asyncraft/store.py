@@ -488,41 +488,63 @@ def _replay_journal(sd: StateDir, out: Recovered, covered: int, *, repair: bool,
 
 def _replay_segment(data: bytes, pos: int, expected: int, out: Recovered, wants: WantsHook | None,
                     on_payload: PayloadHook | None) -> tuple[int | None, int]:
+    """Apply the valid records of ``data`` from ``pos`` on; returns (offset of the first bad one or
+    None, next expected seq). The hot loop of a resume: a million records go through it, so the
+    common case (a done record nobody needs in full) is kept to a few operations."""
     decode = records.decode
-    apply = out.apply
-    counters = out.counters
+    done, failed = out.done, out.failed
+    wanted: dict[tuple[int, str], bool] = {}
+    prompt = completion = calls = 0
     n = len(data)
-    while pos < n:
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            return pos, expected
-        rec = decode(data[pos : nl + 1])
-        if rec is None:
-            return pos, expected
-        seq = rec.get("seq")
-        if seq != expected:
-            if isinstance(seq, int) and seq < expected:
-                pos = nl + 1  # already covered by a compacted run
-                continue
-            return pos, expected
-        kind = KIND_CODES.get(rec.get("k", ""), 0)
-        tid = rec.get("id")
-        if kind and tid:
-            apply(kind, int(tid, 16))
-        if kind in (1, 2, 3) and rec.get("usage"):
-            p, c = record_usage(rec)
-            counters["prompt_tokens"] += p
-            counters["completion_tokens"] += c
-            counters["calls"] += 1
-        if on_payload is not None and (kind == 0 or (wants is not None and wants(KIND_NAMES.get(kind, ""),
-                                                                                 rec.get("stage") or ""))):
-            _note_meta(out, rec)
-            on_payload(rec)
-        elif kind == 0:
-            _note_meta(out, rec)
-        expected += 1
-        pos = nl + 1
-    return None, expected
+    try:
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                return pos, expected
+            rec = decode(data[pos : nl + 1])
+            if rec is None:
+                return pos, expected
+            seq = rec.get("seq")
+            if seq != expected:
+                if isinstance(seq, int) and seq < expected:
+                    pos = nl + 1  # already covered by a compacted run
+                    continue
+                return pos, expected
+            kind = KIND_CODES.get(rec.get("k", ""), 0)
+            if kind:
+                tid = rec.get("id")
+                if tid:
+                    key = int(tid, 16)
+                    if kind == 1:
+                        done.add(key)
+                        failed.discard(key)
+                    else:
+                        out.apply(kind, key)
+                if kind != 4:
+                    usage = rec.get("usage")
+                    if usage:
+                        prompt += int(usage.get("prompt_tokens") or 0)
+                        completion += int(usage.get("completion_tokens") or 0)
+                        calls += 1
+            if kind == 0:
+                _note_meta(out, rec)
+                if on_payload is not None:
+                    on_payload(rec)
+            elif on_payload is not None and wants is not None:
+                stage = rec.get("stage") or ""
+                want = wanted.get((kind, stage))
+                if want is None:
+                    want = wanted[kind, stage] = wants(KIND_NAMES.get(kind, ""), stage)
+                if want:
+                    on_payload(rec)
+            expected += 1
+            pos = nl + 1
+        return None, expected
+    finally:
+        counters = out.counters
+        counters["prompt_tokens"] += prompt
+        counters["completion_tokens"] += completion
+        counters["calls"] += calls
 
 
 def _salvage(sd: StateDir, path: Path, data: bytes, bad_at: int, nxt: tuple[int, dict[str, Any]] | None,
