@@ -52,7 +52,7 @@ def write_prompts(path: Path, n: int, *, start: int = 0) -> None:
 
 def cli_env(sim: SimProcess | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ASYNCRAFT_", "OPENAI_"))}
-    env.update({"ASYNCRAFT_MODEL": "sim-1", "ASYNCRAFT_API_KEY": "sk-test-SECRETKEY-0123456789abcdef",
+    env.update({"ASYNCRAFT_MODEL": "sim-1", "ASYNCRAFT_API_KEY": "test-SECRETKEY-not-a-real-key-0123456789",
                 "ASYNCRAFT_BACKOFF_BASE": "0.01", "ASYNCRAFT_BACKOFF_MAX": "0.2", "ASYNCRAFT_PROGRESS_INTERVAL": "0.5",
                 "PYTHONUNBUFFERED": "1"})
     if sim is not None:

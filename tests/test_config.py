@@ -43,9 +43,9 @@ def test_bad_value_is_one_line_and_exit_2_before_any_work(tmp_path: Path) -> Non
 
 
 def test_api_key_is_not_in_repr_or_public_dict() -> None:
-    s = config.load("run", {}, {"ASYNCRAFT_INPUT": "x", "OPENAI_API_KEY": "sk-hidden-123456"})
-    assert s.api_key == "sk-hidden-123456"
-    assert "sk-hidden" not in repr(s) and "sk-hidden" not in str(config.as_public_dict(s))
+    s = config.load("run", {}, {"ASYNCRAFT_INPUT": "x", "OPENAI_API_KEY": "hidden-test-key-123456"})
+    assert s.api_key == "hidden-test-key-123456"
+    assert "hidden-test-key" not in repr(s) and "hidden-test-key" not in str(config.as_public_dict(s))
 
 
 def test_readme_lists_every_variable_with_its_default() -> None:
@@ -60,3 +60,9 @@ def test_help_lists_env_names() -> None:
     res = run_cli("run", "--help", env={"PATH": "/usr/bin:/bin"})
     assert res.returncode == 0
     assert "ASYNCRAFT_CONCURRENCY" in res.stdout and "--fsync" in res.stdout
+
+
+def test_settings_defaults_are_the_options_defaults() -> None:
+    defaults = config.Settings()
+    for opt in config.OPTIONS:
+        assert getattr(defaults, opt.name) == opt.default, f"{opt.env}: Settings and OPTIONS disagree"

@@ -109,9 +109,9 @@ def test_endpoint_that_refuses_the_key_is_taken_out(sim_factory: Any, tmp_path: 
     assert res.returncode == 0, res.stderr
     assert good.settled_stats()["paid"] == 60
     assert locked.settled_stats()["requests"] <= 4  # at most one wave of calls before it is taken out
-    assert "refuses calls" in res.stderr and "sk-test-SECRETKEY" not in res.stderr
+    assert "refuses calls" in res.stderr and "test-SECRETKEY-not-a-real-key" not in res.stderr
 
 
 def test_labels_never_carry_credentials() -> None:
-    assert endpoint_label("https://user:sk-secret@api.example.com:8443/v1/?key=sk-other") == "api.example.com:8443/v1"
+    assert endpoint_label("https://user:pw-secret@api.example.com:8443/v1/?key=k-secret") == "api.example.com:8443/v1"
     assert endpoint_label("http://10.0.0.7:8000/v1") == "10.0.0.7:8000/v1"

@@ -21,7 +21,7 @@ from asyncraft import store
 from tests.conftest import cli_env, run_cli, write_prompts
 from tests.helpers import ROOT, SimProcess
 
-KEY = "sk-test-SECRETKEY-0123456789abcdef"  # the key cli_env() gives every run
+KEY = "test-SECRETKEY-not-a-real-key-0123456789"  # the key cli_env() gives every run
 
 
 def run_job(inp: Path, state: Path, env: dict[str, str], *extra: str, timeout: float = 120,

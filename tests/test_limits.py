@@ -45,17 +45,17 @@ def test_rate_info_from_openai_headers() -> None:
      RateLimited, Action.RETRY),
     (429, b'{"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}}',
      QuotaExhausted, Action.FATAL),
-    (401, b'{"error": {"message": "Incorrect API key provided: sk-secret-xyz"}}', AuthError, Action.FATAL),
+    (401, b'{"error": {"message": "Incorrect API key provided: secret-test-key-xyz"}}', AuthError, Action.FATAL),
     (404, b'{"error": {"message": "no model", "code": "model_not_found"}}', NotFound, Action.FATAL),
     (400, b'{"error": {"message": "bad"}}', BadRequest, Action.FAIL_TASK),
     (503, b"<html>upstream down</html>", ServerError, Action.RETRY),
 ])
 def test_http_errors_map_to_one_exception_tree(status: int, body: bytes, kind: type, action: Action) -> None:
-    provider = Provider("http://127.0.0.1:1/v1", api_key="sk-secret-xyz")
+    provider = Provider("http://127.0.0.1:1/v1", api_key="secret-test-key-xyz")
     exc = provider._error(status, body, CIMultiDict({"retry-after": "2"}))
     assert type(exc) is kind and exc.status == status and exc.retry_after == 2.0
     assert classify(exc) is action
-    assert "sk-secret-xyz" not in str(exc)
+    assert "secret-test-key-xyz" not in str(exc)
 
 
 def test_azure_uses_the_api_key_header_and_api_version() -> None:

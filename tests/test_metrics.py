@@ -155,7 +155,7 @@ def test_metrics_after_a_run_match_the_simulator(sim_factory: Any, tmp_path: Pat
 
     status, body = get(base + "/healthz")
     assert status == 200 and "idle" in json.loads(body)["reason"]
-    assert "sk-test-SECRETKEY" not in get(base + "/metrics")[1]
+    assert "test-SECRETKEY-not-a-real-key" not in get(base + "/metrics")[1]
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(30) == 75  # --watch ends only on a signal: stopped, resumable
     assert "Traceback" not in run.stderr()
