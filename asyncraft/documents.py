@@ -178,7 +178,7 @@ def json_documents(rel: str, data: bytes, text_field: str) -> Iterator[Document 
             src = f"{rel}[{i}]"
             value = _field_text(item, text_field)
             if value is None:
-                yield DocProblem(src, f"{src}: no string field {text_field!r} (ASYNCRAFT_JSON_TEXT_FIELD)")
+                yield DocProblem(src, f"{src}: no string field {text_field!r} (set ASYNCRAFT_JSON_TEXT_FIELD)")
             else:
                 yield _one(src, value, None)
         return

@@ -94,21 +94,13 @@ class Journal:
 
     async def append(self, record: dict[str, Any]) -> int:
         """Queue a record and wait until it is committed; returns its sequence number."""
-        if self.error is not None:
-            raise self.error
-        if self.closed:
-            raise JournalError("journal is closed")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if self._waiting_since is None:
-            self._waiting_since = time.monotonic()
-        await self._queue.put((record, fut))
-        return await fut
+        return await self.submit(record)
 
     def submit(self, record: dict[str, Any]) -> asyncio.Future[int]:
         """Queue a record without waiting; the future resolves (to its seq) once it is on disk.
 
-        The caller bounds how many records it leaves unacknowledged (the scheduler: one per
-        worker), which is what keeps the queue below its limit."""
+        Callers bound how many records they leave unacknowledged (a worker: one; ``append``
+        callers wait for theirs), which keeps the queue below its limit."""
         if self.error is not None:
             raise self.error
         if self.closed:

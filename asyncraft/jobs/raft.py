@@ -30,11 +30,12 @@ import hashlib
 import logging
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from asyncraft import chunking, documents
+from asyncraft.config import Settings
 from asyncraft.errors import ConfigError
 from asyncraft.jobs.base import InputProblem, Outcome, Task
 from asyncraft.provider import Completion
@@ -49,36 +50,38 @@ STAGE_ANSWERS = "answers"
 RECORD_TYPE = "general"  # raft.py's type for documents that are not API docs
 
 
+_D = Settings  # the defaults live in one place: the settings
+
+
 @dataclass(frozen=True)
 class RaftParams:
+    """The settings that shape what the RAFT job generates."""
+
     model: str
     extra_body: dict[str, Any] = field(default_factory=dict)
-    questions: int = 5
-    distractors: int = 3
-    p: float = 0.8
-    chunk_size: int = 512
-    chunk_overlap: int = 0
-    chunker: str = "simple"
-    embedding_model: str = "text-embedding-3-small"
-    prompt_style: str = "gpt"
-    question_template: str | None = None
-    answer_template: str | None = None
-    json_text_field: str = "text"
-    max_document_mb: float = 64.0
-    answer_retries: int = 2
-    max_records: int = 0
-    seed: int = 0
+    questions: int = _D.questions
+    distractors: int = _D.distractors
+    p: float = _D.p
+    chunk_size: int = _D.chunk_size
+    chunk_overlap: int = _D.chunk_overlap
+    chunker: str = _D.chunker
+    embedding_model: str = _D.embedding_model
+    prompt_style: str = _D.prompt_style
+    question_template: str | None = _D.question_template
+    answer_template: str | None = _D.answer_template
+    json_text_field: str = _D.json_text_field
+    max_document_mb: float = _D.max_document_mb
+    answer_retries: int = _D.answer_retries
+    max_records: int = _D.max_records
+    seed: int = _D.seed
 
     @classmethod
-    def from_settings(cls, s: Any) -> RaftParams:
+    def from_settings(cls, s: Settings) -> RaftParams:
         if not s.model:
             raise ConfigError("--model (ASYNCRAFT_MODEL) is required for the raft job")
-        return cls(model=s.model, extra_body=dict(s.extra_body), questions=s.questions, distractors=s.distractors,
-                   p=s.p, chunk_size=s.chunk_size, chunk_overlap=s.chunk_overlap, chunker=s.chunker,
-                   embedding_model=s.embedding_model, prompt_style=s.prompt_style,
-                   question_template=s.question_template, answer_template=s.answer_template,
-                   json_text_field=s.json_text_field, max_document_mb=s.max_document_mb,
-                   answer_retries=s.answer_retries, max_records=s.max_records, seed=s.seed)
+        values = {f.name: getattr(s, f.name) for f in fields(cls)}
+        values["extra_body"] = dict(s.extra_body)
+        return cls(**values)
 
 
 def _doc_hash(text: str) -> str:
