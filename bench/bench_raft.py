@@ -17,7 +17,6 @@ pass over the text in Python) and reports MB/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -25,37 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_engine import Sim  # noqa: E402  (the simulator subprocess, shared with the engine benchmarks)
+
 from asyncraft import chunking  # noqa: E402
 
 DOCS = ROOT / "asyncraft" / "data" / "docs"
-
-
-class Sim:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "simulate", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().rsplit(" ", 1)[-1].strip()
-        self.root = self.base_url[: -len("/v1")]
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.root + "/_sim/stats", timeout=30) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
-
-    def reset(self) -> None:
-        req = urllib.request.Request(self.root + "/_sim/reset", data=b"{}", method="POST")
-        urllib.request.urlopen(req, timeout=30).close()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
 
 
 def write_corpus(folder: Path, editions: int) -> None:

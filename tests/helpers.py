@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -69,3 +70,24 @@ def start_simulator(*args: str) -> SimProcess:
         proc.kill()
         raise RuntimeError(f"simulator did not start: {line!r}")
     return SimProcess(proc, line.rsplit(" ", 1)[-1].strip())
+
+
+def kill_after(proc: subprocess.Popen[bytes], sim: SimProcess, rng: random.Random, *, max_new_calls: int = 30) -> bool:
+    """Kill ``proc`` at a random moment: mostly after a random number of new paid calls (so the
+    moments spread over the whole job on a fast or a slow machine), sometimes during start-up and
+    recovery. Returns False if the process ended on its own first."""
+    if rng.random() < 0.2:
+        try:
+            proc.wait(timeout=rng.uniform(0.0, 0.4))
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        target = sim.stats()["paid"] + rng.randint(1, max_new_calls)
+        while sim.stats()["paid"] < target:
+            if proc.poll() is not None:
+                return False
+            time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    return True

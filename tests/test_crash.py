@@ -11,7 +11,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from asyncraft.jobs.prompts import PromptsJob
 from asyncraft.records import id_key
 from asyncraft.simulate import body_hash
 from tests.conftest import cli_env, run_cli, write_prompts
-from tests.helpers import ROOT, SimProcess, start_simulator
+from tests.helpers import ROOT, SimProcess, kill_after, start_simulator
 
 SIM_ARGS = ("--latency-ms", "15", "--latency-dist", "lognormal", "--p-429", "0.03", "--p-500", "0.03",
             "--p-malformed", "0.01", "--p-reset", "0.01", "--fault-retry-after", "0.05", "--seed", "3")
@@ -113,27 +112,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 def start_run(inp: Path, state: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "asyncraft", "run", "--input", str(inp), "--state-dir", str(state)],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def kill_after(proc: subprocess.Popen[bytes], sim: SimProcess, rng: random.Random) -> bool:
-    """Kill ``proc`` at a random moment: mostly after a random number of new paid calls (so the
-    moments spread over the whole job on a fast or a slow machine), sometimes during start-up and
-    recovery. Returns False if the process ended on its own first."""
-    if rng.random() < 0.2:
-        try:
-            proc.wait(timeout=rng.uniform(0.0, 0.4))
-            return False
-        except subprocess.TimeoutExpired:
-            pass
-    else:
-        target = sim.stats()["paid"] + rng.randint(1, 30)
-        while sim.stats()["paid"] < target:
-            if proc.poll() is not None:
-                return False
-            time.sleep(0.005)
-    proc.kill()
-    proc.wait()
-    return True
 
 
 def test_kill9_at_random_moments_then_resume(crash_sim: SimProcess, reference: tuple[Path, bytes],

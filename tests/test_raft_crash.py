@@ -12,10 +12,8 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -23,7 +21,7 @@ import pytest
 from asyncraft import simcontent, store
 from asyncraft.records import id_key
 from tests.conftest import cli_env, run_cli
-from tests.helpers import ROOT, SimProcess, start_simulator
+from tests.helpers import ROOT, kill_after, start_simulator
 from tests.test_raft_e2e import DOCS, RAFT_FLAGS, Graph, task_graph
 
 SIM_ARGS = ("--latency-ms", "15", "--latency-dist", "lognormal", "--p-429", "0.03", "--p-500", "0.03",
@@ -50,38 +48,6 @@ def export_raft(state: Path, env: dict[str, str], out: Path) -> bytes:
     res = run_cli("export", "--state-dir", str(state), "--format", "raft", "--out", str(out), env=env)
     assert res.returncode == 0, res.stderr
     return out.read_bytes()
-
-
-def kill_after(proc: subprocess.Popen[bytes], sim: SimProcess, rng: random.Random) -> bool:
-    """Kill at a random moment: mostly after a random number of new paid calls (so the kills spread
-    over the whole job at any machine speed), sometimes during start-up and recovery."""
-    if rng.random() < 0.2:
-        try:
-            proc.wait(timeout=rng.uniform(0.0, 0.4))
-            return False
-        except subprocess.TimeoutExpired:
-            pass
-    else:
-        target = sim.stats()["paid"] + rng.randint(1, 20)
-        while sim.stats()["paid"] < target:
-            if proc.poll() is not None:
-                return False
-            time.sleep(0.005)
-    proc.kill()
-    proc.wait()
-    return True
-
-
-def settled(sim: SimProcess, timeout: float = 30.0) -> dict[str, Any]:
-    """The simulator's counters once every request it received has been answered. Its ``in_flight``
-    counts chat calls only, so embeddings calls of a killed run are waited for by comparing the
-    requests received with the responses counted."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = sim.stats()
-        if (st["in_flight"] == 0 and st["requests"] == sum(st["by_status"].values())) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.01)
 
 
 def stages_in_progress(state: Path, graph: Graph) -> set[str]:
@@ -123,12 +89,12 @@ def test_kill9_in_every_stage_then_resume(chunker: str, corpus: Path, tmp_path: 
             proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", *flags, "--state-dir", str(state)],
                                     env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             assert proc.stderr is not None
-            killed = kills < KILLS and kill_after(proc, sim, rng)
+            killed = kills < KILLS and kill_after(proc, sim, rng, max_new_calls=20)
             if not killed:
                 proc.wait(timeout=120)
             stderr = proc.stderr.read().decode()
             proc.stderr.close()
-            now = Counter(settled(sim)["paid_by_hash"])
+            now = Counter(sim.settled_stats()["paid_by_hash"])
             delta = now - paid
             again = [h for h in delta if paid[h] > 0]
             # A request is paid again only if its outcome was not on disk, and each run pays a request once.
