@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from asyncraft.journal import Journal
 from asyncraft.limits import Limits
 from asyncraft.metrics import HealthMonitor, Metrics
 from asyncraft.progress import Reporter, RunView, StageTally
+from asyncraft.provider import Completion
 from asyncraft.scheduler import Scheduler
 
 log = logging.getLogger("asyncraft")
@@ -153,34 +155,27 @@ class Runner:
         journal = Journal(self.sd, recovered, fsync=s.fsync, fsync_interval=s.fsync_interval,
                           segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
                           disk_full_wait=s.disk_full_wait, failpoints=self.failpoints,
-                          on_error=self._journal_failed, on_commit=tally.on_commit,
-                          max_pending=65536 + 2 * s.concurrency)
+                          on_error=self._journal_failed, on_commit=tally.on_commit)
         self.journal = journal
         metrics = Metrics() if s.metrics_port is not None else None
+        # The scheduler's watchdog enforces the request timeout (it already watches every call), so
+        # aiohttp arms no timer per request.
         pool = EndpointPool(s.base_url, api_key=s.api_key, api_type=s.resolved_api_type(),
                             api_version=s.api_version, concurrency=s.concurrency,
-                            request_timeout=s.request_timeout, connect_timeout=s.connect_timeout,
+                            request_timeout=None, connect_timeout=s.connect_timeout,
                             on_rate_info=limits.observe, backoff_base=s.backoff_base, backoff_max=s.backoff_max,
                             on_call=metrics.observe_call if metrics is not None else None)
 
-        async def call(task: Task, beat: Any) -> Any:
-            tally.call_started(task.stage)
-            result: Any = None
-            try:
-                if task.endpoint == "embed":
-                    result = await pool.embed(task.body, beat)
-                else:
-                    result = await pool.chat(task.body, beat)
-                return result
-            finally:
-                tally.call_ended(task.stage, result)
+        def call(task: Task, beat: Callable[[], None]) -> Awaitable[Completion]:
+            return pool.embed(task.body, beat) if task.endpoint == "embed" else pool.chat(task.body, beat)
 
         sched = Scheduler(job, journal, call, limits, recovered, concurrency=s.concurrency,
-                          stall_timeout=s.stall_timeout, max_retries=s.max_retries, backoff_base=s.backoff_base,
+                          stall_timeout=s.stall_timeout, request_timeout=s.request_timeout,
+                          max_retries=s.max_retries, backoff_base=s.backoff_base,
                           backoff_max=s.backoff_max, output_estimate=s.output_tokens_estimate,
                           retry_failed=s.retry_failed, api_key=s.api_key, on_problem=self._append_error,
                           budget=Budget(s.price_input_per_m, s.price_output_per_m, s.max_cost, s.max_tokens_total),
-                          watch=s.watch, watch_interval=s.watch_interval)
+                          watch=s.watch, watch_interval=s.watch_interval, tally=tally)
         self.scheduler = sched
         view = RunView(s, sched, journal, tally, pool)
         if metrics is not None and s.metrics_port is not None:

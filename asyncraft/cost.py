@@ -12,12 +12,16 @@ class Budget:
     max_cost: float = 0.0  # 0 = no cap
     max_tokens: int = 0  # 0 = no cap
 
+    @property
+    def capped(self) -> bool:
+        return bool(self.max_tokens or self.max_cost)
+
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.price_input_per_m + completion_tokens * self.price_output_per_m) / 1e6
 
     def exceeded(self, prompt_tokens: int, completion_tokens: int) -> str | None:
         """Why no new call may start, or None. Counts the whole state dir, not just this run."""
-        if not (self.max_tokens or self.max_cost):
+        if not self.capped:
             return None
         used = prompt_tokens + completion_tokens
         if self.max_tokens and used >= self.max_tokens:

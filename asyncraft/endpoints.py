@@ -75,7 +75,7 @@ class EndpointPool:
     """Spreads calls over endpoints by free capacity and fails over from a failing one. Constructors do no I/O."""
 
     def __init__(self, base_urls: Sequence[str], *, api_key: str | None, api_type: str = "openai",
-                 api_version: str | None = None, concurrency: int = 64, request_timeout: float = 600.0,
+                 api_version: str | None = None, concurrency: int = 64, request_timeout: float | None = 600.0,
                  connect_timeout: float = 10.0, on_rate_info: Callable[[RateInfo], None] | None = None,
                  backoff_base: float = 1.0, backoff_max: float = 60.0,
                  on_call: Callable[[str, str, float], None] | None = None,

@@ -1,8 +1,9 @@
 """The single writer: the only code that writes state after recovery.
 
-Workers hand records to ``Journal.append`` and wait; the writer coroutine gathers what is queued
-into one commit (one ``write`` and one ``fdatasync`` on a dedicated thread, so the event loop never
-blocks on the disk), and only then resolves the waiters. "Done" therefore always means "on disk".
+Workers hand records to ``Journal.submit`` (with a callback) or ``Journal.append`` (and wait); the
+writer coroutine gathers what is pending into one commit (one ``write`` and one ``fdatasync`` on a
+dedicated thread, so the event loop never blocks on the disk), and only then reports each record as
+durable. "Done" therefore always means "on disk".
 Every ``snapshot_every`` records it seals the segment and compacts it on a second thread while
 appends go on.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -26,8 +28,10 @@ from asyncraft.failpoints import Failpoints
 
 log = logging.getLogger("asyncraft.journal")
 
-_CLOSE = object()
 MAX_BATCH = 4096
+
+# Told once whether a submitted record is on disk: None when it is, the writer's error when it never will be.
+OnDurable = Callable[[BaseException | None], None]
 
 
 class Journal:
@@ -43,7 +47,6 @@ class Journal:
         disk_full_wait: float = 60.0,
         failpoints: Failpoints | None = None,
         on_error: Callable[[BaseException], None] | None = None,
-        max_pending: int = 65536,
         on_commit: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self._sd = sd
@@ -60,7 +63,11 @@ class Journal:
         self._waiting_since: float | None = None
         self._commit_started: float | None = None
         self._in_commit = 0
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_pending)
+        # Records handed in and not yet taken into a commit. Callers bound it: a worker leaves at most
+        # one record unacknowledged, ``append`` callers wait for theirs.
+        self._pending: list[tuple[dict[str, Any], OnDurable]] = []
+        self._wakeup: asyncio.Future[None] | None = None  # the idle writer waits on it
+        self._closing = False
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-journal")
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-compact")
         self._compaction: asyncio.Future[tuple[int, list[str]]] | None = None
@@ -92,35 +99,39 @@ class Journal:
 
     # -- API for workers -------------------------------------------------------------------------
 
-    async def append(self, record: dict[str, Any]) -> int:
-        """Queue a record and wait until it is committed; returns its sequence number."""
-        return await self.submit(record)
+    async def append(self, record: dict[str, Any]) -> None:
+        """Hand in a record and wait until it is on disk."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit(record, functools.partial(_resolve, fut))
+        await fut
 
-    def submit(self, record: dict[str, Any]) -> asyncio.Future[int]:
-        """Queue a record without waiting; the future resolves (to its seq) once it is on disk.
-
-        Callers bound how many records they leave unacknowledged (a worker: one; ``append``
-        callers wait for theirs), which keeps the queue below its limit."""
+    def submit(self, record: dict[str, Any], on_durable: OnDurable) -> None:
+        """Hand in a record without waiting. ``on_durable`` is called from the writer once it is on
+        disk (with None) or when the writer fails (with the error); it must not raise."""
         if self.error is not None:
             raise self.error
-        if self.closed:
+        if self.closed or self._closing:
             raise JournalError("journal is closed")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if self._waiting_since is None:
+        if not self._pending:
             self._waiting_since = time.monotonic()
-        self._queue.put_nowait((record, fut))
-        return fut
+        self._pending.append((record, on_durable))
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter, self._wakeup = self._wakeup, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def uncommitted(self) -> tuple[int, float | None]:
         """(records handed over and not yet on disk, monotonic time the oldest of them may date from)."""
-        n = self._queue.qsize() + self._in_commit
+        n = len(self._pending) + self._in_commit
         if not n:
             return 0, None
         since = [t for t in (self._commit_started, self._waiting_since) if t is not None]
         return n, min(since) if since else None
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     # -- the writer coroutine --------------------------------------------------------------------
 
@@ -128,22 +139,18 @@ class Journal:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                item = await self._queue.get()
-                closing = item is _CLOSE
-                batch = [] if closing else [item]
-                if not closing and self._policy == "batch" and self._interval > 0 and self._queue.empty():
+                if not self._pending and not self._closing:
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                if len(self._pending) == 1 and not self._closing and self._policy == "batch" and self._interval > 0:
                     await asyncio.sleep(self._interval)  # linger: gather more records into this commit
-                while batch and len(batch) < MAX_BATCH and not self._queue.empty():
-                    nxt = self._queue.get_nowait()
-                    if nxt is _CLOSE:
-                        closing = True
-                        break
-                    batch.append(nxt)
-                self._waiting_since = None if self._queue.empty() else time.monotonic()
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                self._waiting_since = time.monotonic() if self._pending else None
                 if batch:
                     await self._commit(loop, batch)
                 self._reap_compaction()
-                if closing:
+                if self._closing and not self._pending:
                     break
                 if self._since_snapshot >= self._snapshot_every and self._compaction is None:
                     await self._start_compaction(loop)
@@ -155,25 +162,24 @@ class Journal:
             self.closed = True
 
     async def close(self) -> None:
-        """Ask the writer to commit what is queued, compact, and stop (call once, then await run())."""
+        """Ask the writer to commit what is pending, compact, and stop (then await run())."""
         if not self.closed and self.error is None:
-            await self._queue.put(_CLOSE)
+            self._closing = True
+            self._wake_writer()
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc if isinstance(exc, JournalError) else JournalError(f"journal writer failed: {exc}")
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not _CLOSE and not item[1].done():
-                item[1].set_exception(self.error)
+        pending, self._pending = self._pending, []
+        _report(pending, self.error)
         if self._on_error is not None and not isinstance(exc, asyncio.CancelledError):
             self._on_error(self.error)
 
-    async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[dict[str, Any], Any]]) -> None:
+    async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[dict[str, Any], OnDurable]]) -> None:
         seq = self.next_seq
         lines = []
         encode = records.encode
-        for rec, _fut in batch:
+        for rec, _cb in batch:
             rec["seq"] = seq
             lines.append(encode(rec))
             seq += 1
@@ -194,10 +200,7 @@ class Journal:
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 2, 10.0)
         except BaseException as exc:
-            err = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}")
-            for _rec, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
+            _report(batch, exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}"))
             raise
         finally:
             self._commit_started, self._in_commit = None, 0
@@ -207,10 +210,8 @@ class Journal:
         self.commits += 1
         self.last_progress = time.monotonic()
         if self.on_commit is not None:
-            self.on_commit([rec for rec, _fut in batch])
-        for (_rec, fut), s in zip(batch, range(seq - len(batch), seq), strict=True):
-            if not fut.done():
-                fut.set_result(s)
+            self.on_commit([rec for rec, _cb in batch])
+        _report(batch, None)
 
     # -- runs on the journal thread --------------------------------------------------------------
 
@@ -318,3 +319,23 @@ class Journal:
         self.closed = True
         self._io.shutdown(wait=False, cancel_futures=True)
         self._compactor.shutdown(wait=False, cancel_futures=True)
+
+
+def _report(batch: list[tuple[dict[str, Any], OnDurable]], error: BaseException | None) -> None:
+    """Tell each record's submitter the outcome; one failing callback does not keep it from the others."""
+    failed: BaseException | None = None
+    for _rec, on_durable in batch:
+        try:
+            on_durable(error)
+        except Exception as exc:  # a bug in a callback: report it after the others are told
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+
+
+def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if not fut.done():
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)

@@ -62,7 +62,7 @@ class HealthMonitor:
     def _progress_signature(self) -> tuple[Any, ...]:
         sched, st = self.sched, self.sched.stats
         return (self.journal.commits, sum(st.calls.values()), st.retries, sched.limits.cooldowns, sched.active,
-                sched.queue.qsize(), st.input_problems, sched.input_total, sched.scans)
+                sched.queued(), st.input_problems, sched.input_total, sched.scans)
 
     def _fresh_calls(self) -> int:
         """Calls in flight that the watchdog has not given up on: waiting for them is legitimate."""
@@ -116,7 +116,7 @@ class HealthMonitor:
         if sched.limits.cooling_down() or sched.limits.waiting:
             return True, f"waiting: cooling down after a 429 ({sched.active} task(s) waiting)"
         if self._fresh_calls():
-            return True, f"running: {in_flight} call(s) in flight, {sched.queue.qsize()} queued"
+            return True, f"running: {in_flight} call(s) in flight, {sched.queued()} queued"
         idle = now - max(self._last_change, journal.last_progress)
         limit = self.effective_stall_timeout()
         if idle > limit:
@@ -228,7 +228,7 @@ class _Collector:
         if sched.budget.max_tokens:
             yield gauge("asyncraft_tokens_cap", "ASYNCRAFT_MAX_TOKENS_TOTAL", sched.budget.max_tokens)
 
-        yield gauge("asyncraft_queue_depth", "tasks queued for a worker", sched.queue.qsize())
+        yield gauge("asyncraft_queue_depth", "tasks queued for a worker", sched.queued())
         yield gauge("asyncraft_in_flight", "API calls in flight", len(sched.inflight))
         yield gauge("asyncraft_journal_queue_depth", "records waiting for the journal writer", journal.queue_depth())
         yield gauge("asyncraft_journal_uncommitted", "records handed to the writer and not yet on disk "

@@ -49,7 +49,8 @@ class StageCounts:
 
 
 class StageTally:
-    """Per-stage counts: calls and tokens as answers arrive, results once they are committed."""
+    """Per-stage counts: calls and tokens as answers arrive (the scheduler counts them), results once they
+    are committed (``on_commit``)."""
 
     __slots__ = ("stages",)
 
@@ -61,20 +62,6 @@ class StageTally:
         if counts is None:
             counts = self.stages[name] = StageCounts()
         return counts
-
-    def call_started(self, stage: str) -> None:
-        self.stage(stage).in_flight += 1
-
-    def call_ended(self, stage: str, result: Any = None) -> None:
-        counts = self.stage(stage)
-        counts.in_flight -= 1
-        if result is None:
-            return
-        usage = getattr(result, "usage", None) if not isinstance(result, dict) else result.get("usage")
-        counts.calls += 1
-        if isinstance(usage, dict):
-            counts.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            counts.completion_tokens += int(usage.get("completion_tokens") or 0)
 
     def on_commit(self, batch: list[dict[str, Any]]) -> None:
         """The journal's commit hook: counting here shows a result as done only once it is on disk."""
@@ -161,7 +148,7 @@ class RunView:
         snap: dict[str, Any] = {
             "job": self.settings.job, "elapsed_s": round(now - self.started, 1),
             "total": total, "done": done, "failed": failed, "pending": pending,
-            "in_flight": len(sched.inflight), "queued": sched.queue.qsize(), "input_problems": st.input_problems,
+            "in_flight": len(sched.inflight), "queued": sched.queued(), "input_problems": st.input_problems,
             "done_this_run": st.done, "failed_this_run": st.failed,
             "rate_per_s": round(rate, 2), "eta_s": round(eta, 1) if eta is not None else None,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -116,7 +116,7 @@ class Provider:
     """One endpoint. Constructors do no I/O; ``async with`` opens the session."""
 
     def __init__(self, base_url: str, *, api_key: str | None, api_type: str = "openai",
-                 api_version: str | None = None, concurrency: int = 64, request_timeout: float = 600.0,
+                 api_version: str | None = None, concurrency: int = 64, request_timeout: float | None = 600.0,
                  connect_timeout: float = 10.0, on_rate_info: Callable[[RateInfo], None] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         # What messages show: a URL may carry credentials (https://user:pass@host), which must not
@@ -128,7 +128,9 @@ class Provider:
         self._azure = api_type == "azure"
         self._params = {"api-version": api_version} if self._azure and api_version else None
         self._concurrency = concurrency
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout, connect=connect_timeout)
+        # ``request_timeout=None`` leaves the whole-call timeout to the caller (the scheduler's watchdog):
+        # aiohttp then arms no timer per request, which is a tenth of a call's CPU against a fast server.
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
         self._on_rate_info = on_rate_info
         self._session: aiohttp.ClientSession | None = None
         headers = {"Content-Type": "application/json", "User-Agent": f"asyncraft/{__version__}"}

@@ -3,7 +3,13 @@
 The feeder reads the job's input on a thread in small batches (a million-line file is never held
 in memory), skips tasks that are done, and fills a bounded queue; children of finished tasks go
 first. Each worker takes a task, waits for the rate limits, makes the call under a heartbeat that
-the watchdog checks, hands the result to the journal and waits for it to be on disk.
+the watchdog checks, and hands the result to the journal; the task counts as done when the journal
+reports the record on disk.
+
+This is the hot path of a run against a fast server, so it avoids per-call allocations that asyncio
+would otherwise make: each worker owns one reusable call slot, the watchdog ends a call by
+cancelling the worker instead of arming a timer per call, and the journal reports durability
+through a callback instead of a future per record.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from asyncraft.errors import JournalError, ProviderError, ProviderTimeout, RateL
 from asyncraft.jobs.base import InputProblem, Job, Outcome, Task
 from asyncraft.journal import Journal
 from asyncraft.limits import Limits, estimate_request_tokens
+from asyncraft.progress import StageTally
 from asyncraft.provider import Completion
 from asyncraft.records import content_id, id_key, scrub
 from asyncraft.retry import Action, backoff, classify
@@ -37,21 +44,43 @@ class _Interrupted(Exception):
     """A call was cancelled because the grace period after a stop signal ran out."""
 
 
-@dataclass(slots=True, eq=False)
-class _Call:
-    """One API call in flight. The watchdog ends it by expiring its timeout, which makes asyncio
-    cancel the call inside the worker and raise TimeoutError there: no extra task per call."""
+class _Slot:
+    """One worker's call in flight and its record on the way to disk, reused for every task.
 
-    task_id: str
-    started: float
-    last_beat: float
-    timeout: asyncio.Timeout | None = None
-    stalled: bool = False
-    interrupted: bool = False
+    The watchdog ends a call by setting ``ending`` and cancelling the worker's task; the worker turns
+    that cancellation into a timeout (or an interruption) of this call. That is what
+    ``asyncio.timeout`` does, without a timer and a context manager per call."""
 
-    def end_now(self) -> None:
-        if self.timeout is not None and not self.timeout.expired():
-            self.timeout.reschedule(asyncio.get_running_loop().time())
+    __slots__ = ("index", "worker", "task_id", "stage", "started", "last_beat", "ending", "beat", "pending",
+                 "ack_waiter", "on_durable", "_time")
+
+    def __init__(self, index: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.index = index
+        self.worker: asyncio.Task[None] | None = None
+        self.task_id = ""
+        self.stage = ""
+        self.started = 0.0
+        self.last_beat = 0.0
+        self.ending: str | None = None  # set by the watchdog: "stalled", "timeout" or "interrupted"
+        self._time = loop.time
+        self.beat: Callable[[], None] = self._beat  # bound once: the provider calls it twice per call
+        # The record this worker handed to the journal and that is not on disk yet (at most one).
+        self.pending: tuple[Task, Outcome] | None = None
+        self.ack_waiter: asyncio.Future[None] | None = None
+        self.on_durable: Callable[[BaseException | None], None] = _nothing
+
+    def _beat(self) -> None:
+        self.last_beat = self._time()
+
+    def end(self, why: str) -> None:
+        """End the call in flight (from the watchdog or a stop): the worker sees ``why``."""
+        if self.ending is None and self.worker is not None:
+            self.ending = why
+            self.worker.cancel()
+
+
+def _nothing(_exc: BaseException | None) -> None:
+    return None
 
 
 @dataclass
@@ -70,12 +99,13 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, job: Job, journal: Journal, call: Callable[[Task, Callable[[], None]], Any],
+    def __init__(self, job: Job, journal: Journal, call: Callable[[Task, Callable[[], None]], Awaitable[Completion]],
                  limits: Limits, recovered: Recovered, *, concurrency: int, stall_timeout: float,
                  max_retries: int, backoff_base: float, backoff_max: float, output_estimate: int,
-                 retry_failed: bool = False, api_key: str | None = None,
+                 request_timeout: float | None = None, retry_failed: bool = False, api_key: str | None = None,
                  on_problem: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
-                 budget: Budget | None = None, watch: bool = False, watch_interval: float = 10.0) -> None:
+                 budget: Budget | None = None, watch: bool = False, watch_interval: float = 10.0,
+                 tally: StageTally | None = None) -> None:
         self.job = job
         self.journal = journal
         self._call_api = call
@@ -86,22 +116,27 @@ class Scheduler:
         self._attempts = recovered.attempts
         self.concurrency = concurrency
         self.stall_timeout = stall_timeout
+        self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.output_estimate = output_estimate
         self._key = api_key
         self._on_problem = on_problem
-        self.queue: asyncio.Queue[Task | None] = asyncio.Queue(maxsize=max(concurrency, 256))
-        # The feeder refills the queue in bursts: it waits for room until the queue is half empty,
-        # instead of being woken to put one task each time a worker takes one.
+        self.tally = tally if tally is not None else StageTally()
+        # The task queue: a deque the feeder fills and idle workers wait on. The feeder refills it in
+        # bursts: when it is full, it waits until it is half empty instead of being woken for each task.
+        self._ready: deque[Task] = deque()
+        self._max_ready = max(concurrency, 256)
+        self._low_water = self._max_ready // 2
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a task
+        self._no_more = False  # set when workers should exit once the queue is empty
         self._room = asyncio.Event()
         self._room.set()
-        self._low_water = self.queue.maxsize // 2
         self.children: deque[Task] = deque(job.recovered_children(self.done, self.failed))
         self._queued: set[int] = set()
         self.active = 0
-        self.inflight: dict[int, _Call] = {}
+        self.inflight: dict[int, _Slot] = {}  # worker index -> its call in flight
         self._wake = asyncio.Event()
         self.stopping: str | None = None  # why we stop early, if we do
         self.fatal: BaseException | None = None
@@ -114,6 +149,7 @@ class Scheduler:
         self._limit_waiters: set[asyncio.Task[Any]] = set()
         self.budget = budget or Budget()
         self._job_limit: Callable[[], str | None] | None = getattr(job, "limit_reached", None)
+        self._has_limits = self.budget.capped or self._job_limit is not None
         # Tokens of earlier runs of this state dir: the caps count the whole state dir.
         self.tokens_before = (int(recovered.counters.get("prompt_tokens", 0)),
                               int(recovered.counters.get("completion_tokens", 0)))
@@ -134,21 +170,14 @@ class Scheduler:
         for waiter in list(self._limit_waiters):
             waiter.cancel()
         # Tasks still queued are not started; they run on the next start.
-        while not self.queue.empty():
-            task = self.queue.get_nowait()
-            if task is not None:
-                self._release(task)
-        for _ in range(self.concurrency):
-            try:
-                self.queue.put_nowait(None)
-            except asyncio.QueueFull:
-                break
+        while self._ready:
+            self._release(self._ready.popleft())
+        self._stop_workers()
 
     def interrupt_inflight(self) -> None:
         """Grace is over: cancel calls still in flight (they were not journaled; they will be redone)."""
-        for call in list(self.inflight.values()):
-            call.interrupted = True
-            call.end_now()
+        for slot in list(self.inflight.values()):
+            slot.end("interrupted")
 
     def fatal_error(self, exc: BaseException) -> None:
         if self.fatal is None:
@@ -159,12 +188,22 @@ class Scheduler:
     def complete(self) -> bool:
         return self.input_read and self.active == 0 and not self.children and self.stopping is None
 
+    def queued(self) -> int:
+        """Tasks waiting for a worker."""
+        return len(self._ready)
+
     # -- main --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             watchdog = tg.create_task(self._watchdog(), name="watchdog")
-            workers = [tg.create_task(self._worker(), name=f"worker-{i}") for i in range(self.concurrency)]
+            workers = []
+            for i in range(self.concurrency):
+                slot = _Slot(i, loop)
+                slot.on_durable = functools.partial(self._durable, slot)
+                slot.worker = tg.create_task(self._worker(slot), name=f"worker-{i}")
+                workers.append(slot.worker)
             feeder = tg.create_task(self._feed(), name="feeder")
             await asyncio.wait([feeder, *workers])
             self._finished.set()
@@ -177,6 +216,8 @@ class Scheduler:
 
     def _check_limits(self) -> bool:
         """Stop the run (resumable) when a spending cap or a job limit is reached; True if stopping."""
+        if not self._has_limits:
+            return self.stopping is not None
         reason = self.budget.exceeded(*self.tokens_used())
         if reason is None and self._job_limit is not None:
             reason = self._job_limit()
@@ -219,14 +260,15 @@ class Scheduler:
             if self.active == 0 and not self.children:
                 continue
             await self._wake.wait()
-        self.request_stop_workers()
+        self._stop_workers()
 
-    def request_stop_workers(self) -> None:
-        for _ in range(self.concurrency):
-            try:
-                self.queue.put_nowait(None)
-            except asyncio.QueueFull:
-                break
+    def _stop_workers(self) -> None:
+        """Workers exit once the queue is empty."""
+        self._no_more = True
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _input_finished(self, lines_ok: int) -> None:
         self.input_read = True
@@ -243,7 +285,7 @@ class Scheduler:
         key = id_key(task.id)
         if key in self.done or key in self.failed or key in self._queued:
             return
-        if self.queue.full():
+        if len(self._ready) >= self._max_ready:
             self._room.clear()
             await self._room.wait()
             if self.stopping is not None:
@@ -252,7 +294,25 @@ class Scheduler:
             task = self._resume_attempts(task, self._attempts[key])
         self._queued.add(key)
         self.active += 1
-        self.queue.put_nowait(task)
+        self._ready.append(task)
+        while self._idle:  # wake one idle worker
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _next_task(self) -> Task | None:
+        """The next queued task, or None when the worker should exit."""
+        ready = self._ready
+        while not ready:
+            if self._no_more:
+                return None
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
+        if not self._room.is_set() and len(ready) <= self._low_water:
+            self._room.set()
+        return ready.popleft()
 
     def _resume_attempts(self, task: Task, paid: int) -> Task:
         # The job may vary the request per attempt; ask it for the next one after those already paid.
@@ -278,43 +338,47 @@ class Scheduler:
 
     # -- workers -----------------------------------------------------------------------------------
 
-    async def _worker(self) -> None:
+    async def _worker(self, slot: _Slot) -> None:
         """Take tasks and make their calls. A finished task's record goes to the writer without
         waiting: the worker starts its next call while the record is being committed, and the
-        task counts as done only in the acknowledgement (``_settle``). Before handing in another
-        record it waits for its previous one, so each worker has at most one record not yet on
-        disk and a crash repeats at most two calls per worker: the one waiting for the server and
-        the one waiting for the disk."""
-        unacked: asyncio.Future[int] | None = None
+        task counts as done only once the journal reports it on disk (``_durable``). Before handing
+        in another record it waits for its previous one, so each worker has at most one record not
+        yet on disk and a crash repeats at most two calls per worker: the one waiting for the server
+        and the one waiting for the disk."""
         try:
             while True:
-                task = await self.queue.get()
-                if not self._room.is_set() and self.queue.qsize() <= self._low_water:
-                    self._room.set()
+                task = await self._next_task()
                 if task is None:
                     return
-                ack: asyncio.Future[int] | None = None
+                handed_over = False
                 try:
                     if self.stopping is None:
-                        ack = await self._process(task, unacked)
-                        if ack is not None:
-                            unacked = ack
+                        handed_over = await self._process(slot, task)
                 except _Interrupted:
                     pass
                 except JournalError as exc:
                     self.fatal_error(exc)
                 finally:
-                    if ack is None:
+                    if not handed_over:
                         self._release(task)
         finally:
-            if unacked is not None and not unacked.done():
+            if slot.pending is not None:
                 # Shutting down: our last record must be settled before the writer closes.
-                await asyncio.wait([unacked])
+                await self._wait_durable(slot)
 
-    def _settle(self, task: Task, outcome: Outcome, ack: asyncio.Future[int]) -> None:
-        """The record of ``task`` is on disk (or the writer failed): only now is the task done."""
+    async def _wait_durable(self, slot: _Slot) -> None:
+        while slot.pending is not None:
+            waiter = slot.ack_waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
+    def _durable(self, slot: _Slot, error: BaseException | None) -> None:
+        """The journal's report on the record ``slot`` handed in: on disk (``error`` None) or lost
+        with the writer. Only now is the task done."""
+        assert slot.pending is not None
+        task, outcome = slot.pending
+        slot.pending = None
         try:
-            if not ack.cancelled() and ack.exception() is None:
+            if error is None:
                 self.done.add(id_key(task.id))
                 self.stats.done += 1
                 if outcome.children:
@@ -323,72 +387,83 @@ class Scheduler:
                 self._check_limits()
         finally:
             self._release(task)
+            waiter, slot.ack_waiter = slot.ack_waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
-    async def _process(self, task: Task, unacked: asyncio.Future[int] | None) -> asyncio.Future[int] | None:
-        """Make the calls of one task. Returns the acknowledgement of its record while that is on
-        its way to disk, or None when the task is settled already."""
+    async def _process(self, slot: _Slot, task: Task) -> bool:
+        """Make the calls of one task. True when its record is handed to the journal (the task is
+        settled in ``_durable``), False when the task is settled already."""
         attempt = 0
+        limits = self.limits
         while self.stopping is None:
             if self._check_limits():
-                return None
-            estimate = estimate_request_tokens(task.body, self.output_estimate) if self.limits.counts_tokens else 0
-            if not self.limits.free():
+                return False
+            estimate = estimate_request_tokens(task.body, self.output_estimate) if limits.counts_tokens else 0
+            if not limits.free():
                 me = asyncio.current_task()
                 assert me is not None
                 self._limit_waiters.add(me)
                 try:
-                    await self.limits.acquire(estimate)
+                    await limits.acquire(estimate)
                 finally:
                     self._limit_waiters.discard(me)
                 if self.stopping is not None:
-                    return None
+                    return False
             try:
-                completion = await self._call(task)
+                completion = await self._call(slot, task)
             except ProviderError as exc:
                 self.stats.calls[_outcome_name(exc)] += 1
                 action = classify(exc)
                 if action is Action.FATAL:
                     self.fatal_error(exc)
-                    return None
+                    return False
                 if action is Action.FAIL_TASK:
                     await self._record_fail(task, exc)
-                    return None
+                    return False
                 attempt += 1
                 if isinstance(exc, RateLimited):
-                    self.limits.cooldown(exc.retry_after if exc.retry_after is not None else
-                                         backoff(attempt, base=self.backoff_base, cap=self.backoff_max,
-                                                 rng=self._rng))
+                    limits.cooldown(exc.retry_after if exc.retry_after is not None else
+                                    backoff(attempt, base=self.backoff_base, cap=self.backoff_max, rng=self._rng))
                 if attempt > self.max_retries:
                     self.stats.gave_up += 1
                     log.warning("giving up on %s for this run after %d tries: %s", task.id[:12], attempt, exc)
-                    return None
+                    return False
                 self.stats.retries += 1
                 delay = backoff(attempt, base=self.backoff_base, cap=self.backoff_max,
                                 retry_after=exc.retry_after, rng=self._rng)
                 await self._pause(delay)
                 continue
-            self.stats.calls["ok"] += 1
-            usage = completion.usage or {}
-            actual = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-            self.stats.prompt_tokens += int(usage.get("prompt_tokens", 0))
-            self.stats.completion_tokens += int(usage.get("completion_tokens", 0))
+            stats = self.stats
+            stats.calls["ok"] += 1
+            usage = completion.usage
+            actual = 0
+            if usage is not None:
+                prompt, completed = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                stats.prompt_tokens += prompt
+                stats.completion_tokens += completed
+                actual = prompt + completed
             outcome = self.job.handle(task, completion)
-            if self.limits.counts_tokens and actual > estimate:
-                await self.limits.correct(estimate, actual)
+            if limits.counts_tokens and actual > estimate:
+                await limits.correct(estimate, actual)
             if outcome.retry is None and outcome.fail is None:
-                if unacked is not None and not unacked.done():
-                    await asyncio.shield(unacked)  # at most one record per worker on its way to disk
-                ack = self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
-                                           **(outcome.result or {}), "usage": completion.usage})
-                ack.add_done_callback(functools.partial(self._settle, task, outcome))
-                return ack
+                if slot.pending is not None:
+                    await self._wait_durable(slot)  # at most one record per worker on its way to disk
+                slot.pending = (task, outcome)
+                try:
+                    self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
+                                         **(outcome.result or {}), "usage": usage}, slot.on_durable)
+                except BaseException:
+                    slot.pending = None
+                    raise
+                return True
             nxt = await self._record(task, completion, outcome)
             self._check_limits()
             if nxt is None:
-                return None
+                return False
             task = nxt
             attempt = 0
-        return None
+        return False
 
     async def _pause(self, delay: float) -> None:
         """Sleep for a retry, but wake at once if the run is stopping."""
@@ -397,40 +472,56 @@ class Scheduler:
         except TimeoutError:
             pass
 
-    async def _call(self, task: Task) -> Completion:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        call = _Call(task.id, now, now)
-
-        def beat() -> None:
-            call.last_beat = loop.time()
-
-        key = id(call)
-        self.inflight[key] = call
+    async def _call(self, slot: _Slot, task: Task) -> Completion:
+        """One API call under the watchdog, counted per stage."""
+        worker = slot.worker
+        assert worker is not None
+        slot.started = slot.last_beat = now = slot._time()
+        slot.task_id, slot.stage = task.id, task.stage
+        counts = self.tally.stage(task.stage)
+        counts.in_flight += 1
+        cancelling = worker.cancelling()
+        self.inflight[slot.index] = slot
         try:
-            async with asyncio.timeout(None) as timeout:
-                call.timeout = timeout
-                result: Completion = await self._call_api(task, beat)
-        except TimeoutError:
-            # The provider turns its own timeouts into ProviderTimeout, so this one is ours.
-            if call.interrupted:
+            result = await self._call_api(task, slot.beat)
+        except asyncio.CancelledError:
+            why = slot.ending
+            # Ours only if the watchdog ended it and nobody else cancelled the worker meanwhile.
+            if why is None or worker.uncancel() > cancelling:
+                raise
+            if why == "interrupted":
                 raise _Interrupted() from None
+            if why == "timeout":
+                raise ProviderTimeout(f"no complete answer within ASYNCRAFT_REQUEST_TIMEOUT="
+                                      f"{self.request_timeout:g}s (watchdog)") from None
             raise ProviderTimeout(f"call stalled: no progress for {self.stall_timeout:g}s (watchdog)") from None
         finally:
-            del self.inflight[key]
-        self.stats.latencies.append(loop.time() - now)
+            del self.inflight[slot.index]
+            slot.ending = None
+            counts.in_flight -= 1
+        counts.calls += 1
+        usage = result.usage
+        if usage is not None:
+            counts.prompt_tokens += usage.get("prompt_tokens", 0)
+            counts.completion_tokens += usage.get("completion_tokens", 0)
+        self.stats.latencies.append(slot._time() - now)
         return result
 
     async def _watchdog(self) -> None:
+        """Ends calls whose heartbeat stopped for ``stall_timeout``, and calls older than ``request_timeout``."""
         loop = asyncio.get_running_loop()
-        interval = max(0.02, min(1.0, self.stall_timeout / 4))
+        limit = min(self.stall_timeout, self.request_timeout or self.stall_timeout)
+        interval = max(0.02, min(1.0, limit / 4))
         while True:
             await asyncio.sleep(interval)
-            deadline = loop.time() - self.stall_timeout
-            for call in list(self.inflight.values()):
-                if call.last_beat < deadline and not call.stalled:
-                    call.stalled = True
-                    call.end_now()
+            now = loop.time()
+            stalled = now - self.stall_timeout
+            too_old = now - self.request_timeout if self.request_timeout else None
+            for slot in list(self.inflight.values()):
+                if slot.last_beat < stalled:
+                    slot.end("stalled")
+                elif too_old is not None and slot.started < too_old:
+                    slot.end("timeout")
 
     # -- recording ---------------------------------------------------------------------------------
 
