@@ -220,8 +220,8 @@ OPTIONS: tuple[Option, ...] = (
            "x-ratelimit headers still apply)", metavar="N"),
     Option("tpm", _number(float, 0), 0.0, "client tokens/minute limit, prompt estimate + max_tokens counted "
            "before the call, corrected from usage after (0 = none)", metavar="N"),
-    Option("request_timeout", _number(float, 0.1), 600.0, "seconds one API call may take in total",
-           metavar="S"),
+    Option("request_timeout", _number(float, 0.1), 600.0, "seconds one API call may take in total; the watchdog "
+           "cancels and retries a call that runs longer", metavar="S"),
     Option("connect_timeout", _number(float, 0.1), 10.0, "seconds to open a connection", metavar="S"),
     Option("stall_timeout", _number(float, 0.1), 120.0, "the watchdog cancels and retries a call that shows no "
            "progress (connection, response headers, complete body) for this many seconds", metavar="S"),

@@ -52,7 +52,7 @@ class _Slot:
     ``asyncio.timeout`` does, without a timer and a context manager per call."""
 
     __slots__ = ("index", "worker", "task_id", "stage", "started", "last_beat", "ending", "beat", "pending",
-                 "ack_waiter", "on_durable", "_time")
+                 "ack_waiter", "on_durable", "clock")
 
     def __init__(self, index: int, loop: asyncio.AbstractEventLoop) -> None:
         self.index = index
@@ -62,7 +62,7 @@ class _Slot:
         self.started = 0.0
         self.last_beat = 0.0
         self.ending: str | None = None  # set by the watchdog: "stalled", "timeout" or "interrupted"
-        self._time = loop.time
+        self.clock = loop.time
         self.beat: Callable[[], None] = self._beat  # bound once: the provider calls it twice per call
         # The record this worker handed to the journal and that is not on disk yet (at most one).
         self.pending: tuple[Task, Outcome] | None = None
@@ -70,7 +70,7 @@ class _Slot:
         self.on_durable: Callable[[BaseException | None], None] = _nothing
 
     def _beat(self) -> None:
-        self.last_beat = self._time()
+        self.last_beat = self.clock()
 
     def end(self, why: str) -> None:
         """End the call in flight (from the watchdog or a stop): the worker sees ``why``."""
@@ -476,7 +476,7 @@ class Scheduler:
         """One API call under the watchdog, counted per stage."""
         worker = slot.worker
         assert worker is not None
-        slot.started = slot.last_beat = now = slot._time()
+        slot.started = slot.last_beat = now = slot.clock()
         slot.task_id, slot.stage = task.id, task.stage
         counts = self.tally.stage(task.stage)
         counts.in_flight += 1
@@ -485,7 +485,7 @@ class Scheduler:
         try:
             result = await self._call_api(task, slot.beat)
         except asyncio.CancelledError:
-            why = slot.ending
+            why, slot.ending = slot.ending, None
             # Ours only if the watchdog ended it and nobody else cancelled the worker meanwhile.
             if why is None or worker.uncancel() > cancelling:
                 raise
@@ -497,14 +497,17 @@ class Scheduler:
             raise ProviderTimeout(f"call stalled: no progress for {self.stall_timeout:g}s (watchdog)") from None
         finally:
             del self.inflight[slot.index]
-            slot.ending = None
             counts.in_flight -= 1
+            if slot.ending is not None:
+                # Ended, but the call swallowed the cancellation and finished: take the request back.
+                slot.ending = None
+                worker.uncancel()
         counts.calls += 1
         usage = result.usage
         if usage is not None:
             counts.prompt_tokens += usage.get("prompt_tokens", 0)
             counts.completion_tokens += usage.get("completion_tokens", 0)
-        self.stats.latencies.append(slot._time() - now)
+        self.stats.latencies.append(slot.clock() - now)
         return result
 
     async def _watchdog(self) -> None:

@@ -51,12 +51,16 @@ def durable_ids(state: Path) -> set[int]:
 # -- provider failures -------------------------------------------------------------------------------
 
 
-def test_hung_calls_are_cancelled_by_the_watchdog_and_retried(sim_factory: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stall", "total"), [("0.3", "600"), ("600", "0.3")], ids=["stall", "request-timeout"])
+def test_hung_calls_are_cancelled_by_the_watchdog_and_retried(sim_factory: Any, tmp_path: Path, stall: str,
+                                                              total: str) -> None:
+    """Either limit ends a hung call: no heartbeat for ASYNCRAFT_STALL_TIMEOUT, or no answer within
+    ASYNCRAFT_REQUEST_TIMEOUT (the other one set far beyond the test's own timeout)."""
     sim = sim_factory("--p-hang", "0.25", "--seed", "5")
     inp = tmp_path / "in.jsonl"
     write_prompts(inp, 40)
-    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="8", ASYNCRAFT_STALL_TIMEOUT="0.3")
-    res = run_job(inp, tmp_path / "state", env)
+    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="8", ASYNCRAFT_STALL_TIMEOUT=stall, ASYNCRAFT_REQUEST_TIMEOUT=total)
+    res = run_job(inp, tmp_path / "state", env, timeout=60)
     assert res.returncode == 0, res.stderr
     st = sim.stats()
     assert st["faults"].get("hang", 0) >= 3, st  # the server really held connections open
