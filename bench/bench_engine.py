@@ -73,8 +73,16 @@ def bodies_of(path: Path) -> list[dict[str, Any]]:
     return [t.body for t in job.roots() if hasattr(t, "body")]
 
 
-async def bare_loop(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
-    """The baseline: same requests, same concurrency, nothing kept."""
+def burn(seconds: float) -> None:
+    """Spend this much CPU time on nothing (the calibration of the throughput ratio)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def bare_loop(base_url: str, bodies: list[dict[str, Any]], concurrency: int, extra_cpu: float = 0.0) -> float:
+    """The baseline: same requests, same concurrency, nothing kept. ``extra_cpu`` seconds of busy work
+    per request turn it into a calibration: what ratio a given cost per request leads to."""
     it = iter(bodies)
     headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
@@ -84,6 +92,8 @@ async def bare_loop(base_url: str, bodies: list[dict[str, Any]], concurrency: in
                 async with s.post(base_url + "/chat/completions", data=orjson.dumps(body), headers=headers) as r:
                     await r.read()
                     assert r.status == 200, r.status
+                if extra_cpu:
+                    burn(extra_cpu)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -103,7 +113,10 @@ def asyncraft_run(base_url: str, inp: Path, state: Path, concurrency: int, **fla
     return n / elapsed
 
 
-def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: float, name: str) -> None:
+def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: float, name: str,
+            calibrate: tuple[float, ...] = ()) -> None:
+    """Best of ``rounds`` for the bare loop and for asyncraft, interleaved. With ``calibrate``, also the
+    bare loop doing that many extra microseconds of CPU per request: the ratio such a cost leads to."""
     sim = Sim(*sim_args)
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
     try:
@@ -111,23 +124,30 @@ def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: 
         write_input(inp, n)
         bodies = bodies_of(inp)
         bare, ours = [], []
+        burned: dict[float, list[float]] = {us: [] for us in calibrate}
         for _ in range(rounds):
             # Each run starts from a reset simulator: the same sequence of latencies for both.
             sim.reset()
             bare.append(asyncio.run(bare_loop(sim.base_url, bodies, concurrency)))
             sim.reset()
             ours.append(asyncraft_run(sim.base_url, inp, tmp / "state", concurrency))
+            for us, got in burned.items():
+                sim.reset()
+                got.append(asyncio.run(bare_loop(sim.base_url, bodies, concurrency, extra_cpu=us / 1e6)))
         b, o = max(bare), max(ours)
         print(f"{name}: bare aiohttp {b:,.0f} req/s, asyncraft {o:,.0f} req/s (fsync=batch, journal + snapshot) "
               f"-> ratio {o / b:.3f} (target >= {target}); rounds bare={[round(x) for x in bare]} "
               f"asyncraft={[round(x) for x in ours]}")
+        for us, got in burned.items():
+            print(f"  calibration: bare aiohttp + {us:g} us of CPU per request {max(got):,.0f} req/s "
+                  f"-> ratio {max(got) / b:.3f}")
     finally:
         sim.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def bench_throughput(_: argparse.Namespace) -> None:
-    compare(["--latency-ms", "0"], 20_000, 100, 5, 0.85, "throughput (0 ms, c=100, 20k)")
+    compare(["--latency-ms", "0"], 20_000, 100, 5, 0.85, "throughput (0 ms, c=100, 20k)", calibrate=(10, 20, 30))
 
 
 def bench_latency(_: argparse.Namespace) -> None:
