@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -252,6 +251,34 @@ def bench_snapshot(_: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Runs a module as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at exit.
+# getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so
+# a child of this (large) benchmark process would report the parent's peak.
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def _report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
+                fh.write(line.split()[1])
+atexit.register(_report)
+module = sys.argv[1]
+sys.argv = sys.argv[1:]
+if module != "-":
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+else:
+    import asyncraft.app
+"""
+
+
+def peak_rss_mb(args: list[str], env: dict[str, str], tmp: Path) -> float:
+    """Peak RSS of ``python -m <args>`` (``args[0]`` = "-": just import asyncraft.app)."""
+    peak_file = tmp / "peak"
+    subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
+                   cwd=ROOT, check=True)
+    return int(peak_file.read_text()) / 1024
+
+
 def bench_memory(_: argparse.Namespace) -> None:
     n = 1_000_000
     sim = Sim("--latency-ms", "0")
@@ -262,14 +289,9 @@ def bench_memory(_: argparse.Namespace) -> None:
         env = {**os.environ, "ASYNCRAFT_BASE_URL": sim.base_url, "ASYNCRAFT_MODEL": "sim-1",
                "ASYNCRAFT_API_KEY": "bench", "ASYNCRAFT_CONCURRENCY": "100", "ASYNCRAFT_PROGRESS_INTERVAL": "30"}
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "asyncraft", "run", "--input", str(inp), "--state-dir",
-                        str(tmp / "state")], env=env, cwd=ROOT, check=True)
+        peak = peak_rss_mb(["asyncraft", "run", "--input", str(inp), "--state-dir", str(tmp / "state")], env, tmp)
         elapsed = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        base = subprocess.run([sys.executable, "-c", "import resource, asyncraft.app; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                              capture_output=True, text=True, cwd=ROOT, check=True)
-        base_mb = int(base.stdout) / 1024
+        base_mb = peak_rss_mb(["-"], env, tmp)
         print(f"memory ({n:,}-line input, c=100): peak RSS {peak:.0f} MB (target <= 300 MB) in {elapsed:.0f}s; "
               f"interpreter + imports alone {base_mb:.0f} MB -> ratio {peak / base_mb:.1f}x")
     finally:
