@@ -355,6 +355,30 @@ def test_sigterm_lets_calls_in_flight_finish_so_none_is_wasted(sim_factory: Any,
     assert st["paid"] == 200 and set(st["paid_by_hash"].values()) == {1}
 
 
+def test_calls_still_in_flight_when_the_grace_period_ends_are_cancelled(sim_factory: Any, tmp_path: Path) -> None:
+    sim = sim_factory("--latency-ms", "30000")
+    inp = tmp_path / "in.jsonl"
+    write_prompts(inp, 20)
+    state = tmp_path / "state"
+    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="5", ASYNCRAFT_GRACE="0.5")
+    proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", "--input", str(inp), "--state-dir", str(state)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: sim.stats()["in_flight"] == 5, what="calls in flight")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 75, err
+    assert time.monotonic() - t0 < 10, "calls in flight outlived the grace period"
+    assert "Traceback" not in err
+    wait_for(lambda: sim.stats()["in_flight"] == 0, what="the server to see the connections close")
+    assert durable_ids(state) == set(), "nothing was answered, so nothing may be recorded as done"
+    assert run_cli("verify", "--state-dir", str(state), env=env).returncode == 0
+    sim.reconfigure(latency_ms=0.0)
+    res = run_job(inp, state, env)
+    assert res.returncode == 0, res.stderr
+    assert [r["status"] for r in export_rows(state, env, tmp_path / "o.jsonl")] == ["ok"] * 20
+
+
 def test_a_second_signal_exits_at_once_without_damage(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--latency-ms", "30000")
     inp = tmp_path / "in.jsonl"
