@@ -51,14 +51,12 @@ class _Slot:
     that cancellation into a timeout (or an interruption) of this call. That is what
     ``asyncio.timeout`` does, without a timer and a context manager per call."""
 
-    __slots__ = ("index", "worker", "task_id", "stage", "started", "last_beat", "ending", "beat", "pending",
-                 "ack_waiter", "on_durable", "clock")
+    __slots__ = ("index", "worker", "started", "last_beat", "ending", "beat", "pending", "ack_waiter",
+                 "on_durable", "clock")
 
     def __init__(self, index: int, loop: asyncio.AbstractEventLoop) -> None:
         self.index = index
         self.worker: asyncio.Task[None] | None = None
-        self.task_id = ""
-        self.stage = ""
         self.started = 0.0
         self.last_beat = 0.0
         self.ending: str | None = None  # set by the watchdog: "stalled", "timeout" or "interrupted"
@@ -95,7 +93,6 @@ class Stats:
     input_problems: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
 
 
 class Scheduler:
@@ -476,8 +473,7 @@ class Scheduler:
         """One API call under the watchdog, counted per stage."""
         worker = slot.worker
         assert worker is not None
-        slot.started = slot.last_beat = now = slot.clock()
-        slot.task_id, slot.stage = task.id, task.stage
+        slot.started = slot.last_beat = slot.clock()
         counts = self.tally.stage(task.stage)
         counts.in_flight += 1
         cancelling = worker.cancelling()
@@ -507,7 +503,6 @@ class Scheduler:
         if usage is not None:
             counts.prompt_tokens += usage.get("prompt_tokens", 0)
             counts.completion_tokens += usage.get("completion_tokens", 0)
-        self.stats.latencies.append(slot.clock() - now)
         return result
 
     async def _watchdog(self) -> None:
