@@ -1,9 +1,10 @@
 """The single writer: the only code that writes state after recovery.
 
-Workers hand records to ``Journal.submit`` (with a callback) or ``Journal.append`` (and wait); the
-writer coroutine gathers what is pending into one commit (one ``write`` and one ``fdatasync`` on a
-dedicated thread, so the event loop never blocks on the disk), and only then reports each record as
-durable. "Done" therefore always means "on disk".
+Workers hand records to ``Journal.submit`` (which returns a future) or ``Journal.append`` (and wait);
+the writer coroutine gathers what is pending into one commit (one ``write`` and one ``fdatasync`` on a
+dedicated thread, so the event loop never blocks on the disk), and only then resolves each record's
+future. "Done" therefore always means "on disk". The writer runs no code of its callers: a future's
+callbacks run later, in the event loop, outside the writer task.
 Every ``snapshot_every`` records it seals the segment and compacts it on a second thread while
 appends go on.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
 import os
 import time
@@ -30,8 +30,8 @@ log = logging.getLogger("asyncraft.journal")
 
 MAX_BATCH = 4096
 
-# Told once whether a submitted record is on disk: None when it is, the writer's error when it never will be.
-OnDurable = Callable[[BaseException | None], None]
+# Resolved once a submitted record is on disk; fails with the writer's error when it never will be.
+Durable = asyncio.Future[None]
 
 
 class Journal:
@@ -65,7 +65,7 @@ class Journal:
         self._in_commit = 0
         # Records handed in and not yet taken into a commit. Callers bound it: a worker leaves at most
         # one record unacknowledged, ``append`` callers wait for theirs.
-        self._pending: list[tuple[dict[str, Any], OnDurable]] = []
+        self._pending: list[tuple[dict[str, Any], Durable]] = []
         self._wakeup: asyncio.Future[None] | None = None  # the idle writer waits on it
         self._closing = False
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-journal")
@@ -101,21 +101,21 @@ class Journal:
 
     async def append(self, record: dict[str, Any]) -> None:
         """Hand in a record and wait until it is on disk."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.submit(record, functools.partial(_resolve, fut))
-        await fut
+        await self.submit(record)
 
-    def submit(self, record: dict[str, Any], on_durable: OnDurable) -> None:
-        """Hand in a record without waiting. ``on_durable`` is called from the writer once it is on
-        disk (with None) or when the writer fails (with the error); it must not raise."""
+    def submit(self, record: dict[str, Any]) -> Durable:
+        """Hand in a record without waiting; the future resolves once it is on disk, or fails with
+        the writer's error when it never will be."""
         if self.error is not None:
             raise self.error
         if self.closed or self._closing:
             raise JournalError("journal is closed")
         if not self._pending:
             self._waiting_since = time.monotonic()
-        self._pending.append((record, on_durable))
+        fut: Durable = asyncio.get_running_loop().create_future()
+        self._pending.append((record, fut))
         self._wake_writer()
+        return fut
 
     def _wake_writer(self) -> None:
         waiter, self._wakeup = self._wakeup, None
@@ -175,7 +175,7 @@ class Journal:
         if self._on_error is not None and not isinstance(exc, asyncio.CancelledError):
             self._on_error(self.error)
 
-    async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[dict[str, Any], OnDurable]]) -> None:
+    async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[dict[str, Any], Durable]]) -> None:
         seq = self.next_seq
         lines = []
         encode = records.encode
@@ -321,20 +321,11 @@ class Journal:
         self._compactor.shutdown(wait=False, cancel_futures=True)
 
 
-def _report(batch: list[tuple[dict[str, Any], OnDurable]], error: BaseException | None) -> None:
-    """Tell each record's submitter the outcome; one failing callback does not keep it from the others."""
-    failed: BaseException | None = None
-    for _rec, on_durable in batch:
-        try:
-            on_durable(error)
-        except Exception as exc:  # a bug in a callback: report it after the others are told
-            failed = failed or exc
-    if failed is not None:
-        raise failed
-
-
-def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if not fut.done():
+def _report(batch: list[tuple[dict[str, Any], Durable]], error: BaseException | None) -> None:
+    """Resolve each record's future; its callbacks run later in the event loop, not in the writer."""
+    for _rec, fut in batch:
+        if fut.done():
+            continue
         if error is None:
             fut.set_result(None)
         else:

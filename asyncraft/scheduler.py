@@ -65,7 +65,7 @@ class _Slot:
         # The record this worker handed to the journal and that is not on disk yet (at most one).
         self.pending: tuple[Task, Outcome] | None = None
         self.ack_waiter: asyncio.Future[None] | None = None
-        self.on_durable: Callable[[BaseException | None], None] = _nothing
+        self.on_durable: Callable[[asyncio.Future[None]], None] = _nothing
 
     def _beat(self) -> None:
         self.last_beat = self.clock()
@@ -77,7 +77,7 @@ class _Slot:
             self.worker.cancel()
 
 
-def _nothing(_exc: BaseException | None) -> None:
+def _nothing(_fut: asyncio.Future[None]) -> None:
     return None
 
 
@@ -368,10 +368,11 @@ class Scheduler:
             waiter = slot.ack_waiter = asyncio.get_running_loop().create_future()
             await waiter
 
-    def _durable(self, slot: _Slot, error: BaseException | None) -> None:
-        """The journal's report on the record ``slot`` handed in: on disk (``error`` None) or lost
-        with the writer. Only now is the task done."""
+    def _durable(self, slot: _Slot, fut: asyncio.Future[None]) -> None:
+        """The journal's report on the record ``slot`` handed in: on disk, or lost with the writer.
+        Only now is the task done. Runs as a callback of the record's future, in the event loop."""
         assert slot.pending is not None
+        error = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
         task, outcome = slot.pending
         slot.pending = None
         try:
@@ -448,11 +449,12 @@ class Scheduler:
                     await self._wait_durable(slot)  # at most one record per worker on its way to disk
                 slot.pending = (task, outcome)
                 try:
-                    self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
-                                         **(outcome.result or {}), "usage": usage}, slot.on_durable)
+                    durable = self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
+                                                   **(outcome.result or {}), "usage": usage})
                 except BaseException:
                     slot.pending = None
                     raise
+                durable.add_done_callback(slot.on_durable)
                 return True
             nxt = await self._record(task, completion, outcome)
             self._check_limits()
