@@ -8,24 +8,32 @@ period, then the writer commits what it holds, compacts a snapshot and exits las
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiofiles
 import orjson
 
-from asyncraft import __version__, store
+from asyncraft import __version__, storage
 from asyncraft.config import Settings, fingerprint_settings
 from asyncraft.cost import Budget
 from asyncraft.endpoints import EndpointPool
-from asyncraft.errors import ConfigError, DiskFull, FsyncFailed, JournalError, StateMismatch
+from asyncraft.errors import (
+    ConfigError,
+    DiskFull,
+    JournalError,
+    StateDamaged,
+    StateMismatch,
+    StorageIOError,
+)
 from asyncraft.failpoints import Failpoints
 from asyncraft.jobs.base import Job, Task
 from asyncraft.journal import Journal
@@ -34,8 +42,10 @@ from asyncraft.metrics import HealthMonitor, Metrics
 from asyncraft.progress import Reporter, RunView, StageTally
 from asyncraft.provider import Completion
 from asyncraft.scheduler import Scheduler
+from asyncraft.storage import FS, Recovery, StateDir
 
 log = logging.getLogger("asyncraft")
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -65,7 +75,7 @@ def make_job(settings: Settings) -> Job:
     raise ConfigError(f"job {settings.job!r} is not available in this version")
 
 
-def check_state(sd: store.StateDir, job: Job, settings: Settings, *, has_results: bool = True) -> dict[str, Any]:
+def check_state(sd: StateDir, fs: FS, job: Job, settings: Settings, *, has_results: bool = True) -> dict[str, Any]:
     """Bind the state dir to the job's configuration; refuse a silent change of model or parameters.
 
     A state dir without results yet (say the first run stopped on an unknown model) takes the new
@@ -74,13 +84,14 @@ def check_state(sd: store.StateDir, job: Job, settings: Settings, *, has_results
     meta = sd.read_meta()
     now = time.time()
     if meta is None:
-        meta = {"format": 1, "job": job.name, "fingerprint": fingerprint, "input": str(Path(settings.input).resolve()),
-                "created": now, "history": []}
-        sd.write_meta(meta)
+        meta = {"format": storage.layout.FORMAT, "job": job.name, "fingerprint": fingerprint,
+                "input": str(Path(settings.input).resolve()), "created": now, "history": []}
+        sd.write_meta(fs, meta)
         return meta
     if meta.get("job") != job.name:
         raise StateMismatch(f"{sd.root} holds a {meta.get('job')!r} job; this run is {job.name!r}. "
                             "Use another --state-dir.")
+    before = orjson.loads(orjson.dumps(meta))
     old = meta.get("fingerprint", {})
     if old != fingerprint:
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
@@ -97,32 +108,34 @@ def check_state(sd: store.StateDir, job: Job, settings: Settings, *, has_results
     if meta.get("input") != new_input:
         log.warning("input path changed from %s to %s (tasks are matched by content)", meta.get("input"), new_input)
         meta["input"] = new_input
-    sd.write_meta(meta)
+    if meta != before:
+        sd.write_meta(fs, meta)
     return meta
 
 
 class Runner:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sd = store.StateDir(settings.state_dir)
-        self.failpoints = Failpoints(settings.failpoints)
+        self.sd = StateDir(settings.state_dir)
+        self.fs = FS(Failpoints(settings.failpoints))
         self.scheduler: Scheduler | None = None
         self.journal: Journal | None = None
         self._signals = 0
         self._grace_handle: asyncio.TimerHandle | None = None
+        self._people_file_failed = False
 
     async def main(self) -> int:
         s = self.settings
         job = make_job(s)
-        self.sd.create_dirs()
+        ensure_open_files(s.concurrency)
+        await self._disk_retry(self.sd.create_dirs, self.fs)
         lock_fd = self.sd.lock()
         try:
-            meta = self.sd.read_meta()
-            if meta is None:
-                check_state(self.sd, job, s)  # a new state dir: bind it before anything is written
-            elif meta.get("job") != job.name:
-                raise StateMismatch(f"{self.sd.root} holds a {meta.get('job')!r} job; this run is {job.name!r}. "
-                                    "Use another --state-dir.")
+            with contextlib.suppress(StateDamaged):  # the resolver reports it (or --salvage repairs it)
+                meta = self.sd.read_meta()
+                if meta is not None and meta.get("job") != job.name:
+                    raise StateMismatch(f"{self.sd.root} holds a {meta.get('job')!r} job; this run is "
+                                        f"{job.name!r}. Use another --state-dir.")
             t0 = time.perf_counter()
             problems: list[dict[str, Any]] = []
 
@@ -135,11 +148,15 @@ class Runner:
                 if job.wants(rec.get("k", ""), rec.get("stage") or ""):
                     job.replay(rec)
 
-            recovered = await asyncio.to_thread(store.recover, self.sd, repair=True, salvage=s.salvage,
-                                                wants=wants, on_payload=on_payload)
-            check_state(self.sd, job, s, has_results=bool(recovered.done or recovered.failed))
+            def open_state() -> Recovery:
+                problems.clear()
+                return storage.open_for_run(self.sd, self.fs, salvage=s.salvage, wants=wants, on_payload=on_payload)
+
+            recovered = await self._disk_retry(open_state)
+            await self._disk_retry(check_state, self.sd, self.fs, job, s,
+                                   has_results=recovered.view.has_results)
             # errors.jsonl is a view for people, rebuilt from the journal at every start.
-            store.write_atomic(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in problems))
+            self._write_people_file(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in problems))
             for note in recovered.notes:
                 log.warning("recovery: %s", note)
             log.info("recovered %d done, %d failed up to seq %d in %.2fs", len(recovered.done),
@@ -148,14 +165,41 @@ class Runner:
         finally:
             os.close(lock_fd)
 
-    async def _run(self, job: Job, recovered: store.Recovered) -> int:
+    async def _disk_retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Start-up writes on a full disk are retried for ASYNCRAFT_DISK_FULL_WAIT, then the run stops (75)."""
+        deadline = time.monotonic() + self.settings.disk_full_wait
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            except DiskFull as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, delay)
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 10.0)
+
+    def _write_people_file(self, path: Path, data: bytes, *, append: bool = False) -> None:
+        """errors.jsonl and status.json are views for people, rebuilt from the journal: a full disk or an I/O
+        error there is logged once and never stops the run (the journal's own writes decide that)."""
+        try:
+            if append:
+                with open(path, "ab") as fh:
+                    fh.write(data)
+            else:
+                self.fs.write_atomic(path, data, durable=False)
+        except (OSError, DiskFull, StorageIOError) as exc:
+            if not self._people_file_failed:
+                self._people_file_failed = True
+                log.warning("cannot write %s (%s); it is rebuilt at the next start", path.name, exc)
+
+    async def _run(self, job: Job, recovered: Recovery) -> int:
         s = self.settings
         limits = Limits(s.rpm, s.tpm)
         tally = StageTally()
-        journal = Journal(self.sd, recovered, fsync=s.fsync, fsync_interval=s.fsync_interval,
+        journal = Journal(self.sd, recovered, fs=self.fs, fsync=s.fsync, fsync_interval=s.fsync_interval,
                           segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
-                          disk_full_wait=s.disk_full_wait, failpoints=self.failpoints,
-                          on_error=self._journal_failed, on_commit=tally.on_commit)
+                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=tally.on_commit)
         self.journal = journal
         metrics = Metrics() if s.metrics_port is not None else None
         # The scheduler's watchdog enforces the request timeout (it already watches every call), so
@@ -196,6 +240,11 @@ class Runner:
         try:
             async with pool:
                 await sched.run()
+        except* JournalError:
+            # The writer failed (or a record could not be handed to it): the workers and the feeder saw the same
+            # error. The journal's error decides the exit status below.
+            if journal.error is None:
+                raise
         finally:
             reporting.cancel()
             await asyncio.wait([reporting])
@@ -229,7 +278,8 @@ class Runner:
             if isinstance(err, DiskFull):
                 log.error("free some space and run the same command again; nothing acknowledged was lost")
                 return EXIT_TEMPFAIL
-            return EXIT_IOERR if isinstance(err, FsyncFailed | JournalError) else EXIT_TEMPFAIL
+            log.error("the next start decides from what is on disk; nothing acknowledged is lost")
+            return EXIT_IOERR
         if sched.fatal is not None:
             log.error("stopped: %s", sched.fatal)
             log.error("%s. Nothing is lost: fix the cause and run the same command again.", summary)
@@ -247,8 +297,8 @@ class Runner:
         return EXIT_OK
 
     async def _append_error(self, rec: dict[str, Any]) -> None:
-        async with aiofiles.open(self.sd.errors_path, "ab") as fh:
-            await fh.write(orjson.dumps(_problem_line(rec)) + b"\n")
+        await asyncio.to_thread(self._write_people_file, self.sd.errors_path,
+                                orjson.dumps(_problem_line(rec)) + b"\n", append=True)
 
     def _journal_failed(self, exc: BaseException) -> None:
         if self.scheduler is not None:
@@ -277,11 +327,22 @@ class Runner:
         started = self.scheduler.stats.started if self.scheduler is not None else None
         status = {"pid": os.getpid(), "version": __version__, "updated": time.time(), "started": started,
                   "running": not final, **snap}
-        try:
-            store.write_atomic(self.sd.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2), durable=False)
-        except OSError as exc:
-            log.debug("cannot write status.json: %s", exc)
+        self._write_people_file(self.sd.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2))
         return status
+
+
+def ensure_open_files(concurrency: int) -> None:
+    """Each call holds a socket and the run a few dozen files: raise the soft RLIMIT_NOFILE to what the
+    concurrency needs, or refuse before any call (running out mid-run would fail calls at random)."""
+    need = concurrency + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ConfigError(f"ASYNCRAFT_CONCURRENCY={concurrency} needs about {need} open files, but this process may "
+                          f"open at most {hard} (`ulimit -n`); raise the limit (e.g. `ulimit -n {need}`, or "
+                          "`ulimits: nofile:` in compose) or lower the concurrency")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def _tune_gc() -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import orjson
 
-from asyncraft import __version__, config, store
-from asyncraft.errors import AsyncraftError, ConfigError, CorruptRecord, JournalError, StateMismatch
+from asyncraft import __version__, config
+from asyncraft.errors import AsyncraftError, ConfigError, DiskFull, JournalError, StateMismatch, StorageIOError
+from asyncraft.storage import StateDir
 
 EPILOG = """\
 Every option also reads ASYNCRAFT_<NAME> from the environment (flag > environment > default);
@@ -32,7 +33,8 @@ examples:
   python -m asyncraft export --state-dir state/ --format prompts --out results.jsonl
 
 exit status: 0 finished; 75 stopped before the end (signal, fatal API error, disk full, retries
-left) - run the same command again to continue; 2 bad configuration; 1 damaged state; 74 I/O error.
+left) - run the same command again to continue; 2 bad configuration; 1 damaged state or in use by another
+process; 74 a write or fsync of the state failed.
 """
 
 
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", required=True, choices=["prompts", "raft", "chat", "completion", "eval"],
                     help="output layout")
     ex.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
+    ex.add_argument("--partial", action="store_true",
+                    help="export what is readable although the state dir is damaged (what is missing is listed "
+                         "on stderr)")
     add("verify", "check every checksum of the journal, runs and snapshots; exit 1 on damage")
     demo = add("demo", "run a job end to end against the built-in simulator")
     demo.add_argument("--dir", default=None, help="where to keep the demo's files (default: a temp dir)")
@@ -118,10 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StateMismatch) as exc:
         print(f"asyncraft: error: {exc}", file=sys.stderr)
         return 2
-    except CorruptRecord as exc:
+    except DiskFull as exc:
+        print(f"asyncraft: {exc}; free some space and run the same command again (nothing acknowledged was lost)",
+              file=sys.stderr)
+        return 75
+    except StorageIOError as exc:
         print(f"asyncraft: {exc}", file=sys.stderr)
-        return 1
-    except JournalError as exc:
+        return 74
+    except JournalError as exc:  # damaged, or in use
         print(f"asyncraft: {exc}", file=sys.stderr)
         return 1
     except AsyncraftError as exc:
@@ -134,21 +143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int:
-    from asyncraft import inspect
+    from asyncraft import views
     from asyncraft.cost import Budget
 
-    sd = store.StateDir(settings.state_dir)
+    sd = StateDir(settings.state_dir)
     if cmd == "status":
-        st = inspect.status(sd, Budget(settings.price_input_per_m, settings.price_output_per_m))
-        print(orjson.dumps(st).decode() if ns.json else inspect.format_status(st))
-        return 0
+        st = views.status(sd, Budget(settings.price_input_per_m, settings.price_output_per_m))
+        print(orjson.dumps(st).decode() if ns.json else views.format_status(st))
+        return 1 if st.get("damaged") else 0
     if cmd == "tail":
         try:
-            return inspect.tail(sd, lines=ns.lines, follow=ns.follow, raw=ns.json, stage=ns.stage, errors=ns.errors)
+            return views.tail(sd, lines=ns.lines, follow=ns.follow, raw=ns.json, stage=ns.stage, errors=ns.errors)
         except KeyboardInterrupt:
             return 0
     if cmd == "verify":
-        findings = inspect.verify(sd)
+        findings = views.verify(sd)
         for f in findings:
             print(str(f))
         damaged = [f for f in findings if f.damage]
@@ -160,7 +169,7 @@ def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int
 
         t0 = time.perf_counter()
         counts = export.export(sd, ns.format, Path(ns.out), input_override=settings.input or None,
-                               settings=settings)
+                               settings=settings, partial=ns.partial)
         total = sum(counts.values())
         detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         print(f"wrote {total} rows to {ns.out} ({detail}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -13,8 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from asyncraft import app, export, store
+from asyncraft import app, export
 from asyncraft.config import Settings
+from asyncraft.storage import StateDir
 
 DEMO_DOCS = Path(__file__).resolve().parent / "data" / "docs"
 
@@ -33,7 +34,7 @@ async def _demo(settings: Settings, workdir: Path) -> int:
         print(f"asyncraft demo: RAFT on {DEMO_DOCS} against the simulator at {sim.base_url} "
               "(4% 429s and 3% 500s injected)", file=sys.stderr)
         code = await app.main(s)
-    sd = store.StateDir(state)
+    sd = StateDir(state)
     raft_out = workdir / "raft.jsonl"
     chat_out = workdir / "train.jsonl"
     counts = await asyncio.to_thread(export.export, sd, "raft", raft_out, settings=s)

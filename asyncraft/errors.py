@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class AsyncraftError(Exception):
     """Root of every error asyncraft raises on purpose."""
@@ -71,7 +73,19 @@ class BadResponse(ProviderError):
 
 
 class JournalError(AsyncraftError):
-    """The state directory cannot be written or read safely."""
+    """The state directory cannot be written or read safely (exit status 1 unless a subclass says otherwise)."""
+
+
+class StateInUse(JournalError):
+    """Another process holds the state dir."""
+
+
+class StateDamaged(JournalError):
+    """The state dir holds damage (a record, a run, an index, a missing file, a gap); nothing was papered over."""
+
+    def __init__(self, message: str, findings: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.findings = list(findings)
 
 
 class CorruptRecord(JournalError):
@@ -84,11 +98,15 @@ class CorruptRecord(JournalError):
 
 
 class DiskFull(JournalError):
-    """ENOSPC while appending; nothing was acknowledged past the last good commit."""
+    """ENOSPC/EDQUOT while writing state; nothing was acknowledged past the last good commit (exit 75)."""
 
 
-class FsyncFailed(JournalError):
-    """fsync/fdatasync failed: the kernel may have dropped dirty pages; exit now."""
+class StorageIOError(JournalError):
+    """A write, rename or read of the state failed for another reason than a full disk (exit 74)."""
+
+
+class FsyncFailed(StorageIOError):
+    """fsync/fdatasync failed: the kernel may have dropped dirty pages; exit now (74)."""
 
 
 class StateMismatch(AsyncraftError):

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from asyncraft import records, store
-from asyncraft.errors import ConfigError
+from asyncraft.errors import ConfigError, StateDamaged
 from asyncraft.jobs.base import InputProblem
 from asyncraft.records import id_key
+from asyncraft.storage import Recovery, open_read_only, readers
+from asyncraft.storage.layout import StateDir
+from asyncraft.storage.runfile import RunDamage
+from asyncraft.storage.tasks import DONE
 
 if TYPE_CHECKING:
     from asyncraft.config import Settings
@@ -28,104 +31,70 @@ PARQUET_BATCH = 10_000
 RAFT_FORMATS = ("raft", "chat", "completion", "eval")
 
 
-def results_index(sd: store.StateDir) -> tuple[dict[int, int], list[Path]]:
-    """task key -> packed location of its final record (done wins over fail)."""
-    paths: list[Path] = []
-    path_ids: dict[Path, int] = {}
-    index: dict[int, int] = {}
-    done_keys: set[int] = set()
-    for rec, loc in store.iter_records(sd):
-        kind = rec.get("k")
-        if kind not in ("done", "fail"):
-            continue
-        key = id_key(rec["id"])
-        if kind == "fail" and key in done_keys:
-            continue
-        if kind == "done":
-            done_keys.add(key)
-        pid = path_ids.get(loc.path)
-        if pid is None:
-            pid = path_ids[loc.path] = len(paths)
-            paths.append(loc.path)
-        index[key] = (pid << 40) | loc.offset
-    return index, paths
-
-
-class _Reader:
-    def __init__(self, paths: list[Path]) -> None:
-        self._paths = paths
-        self._files: dict[int, Any] = {}
-
-    def get(self, packed: int) -> dict[str, Any]:
-        pid, offset = packed >> 40, packed & ((1 << 40) - 1)
-        fh = self._files.get(pid)
-        if fh is None:
-            fh = self._files[pid] = open(self._paths[pid], "rb")  # noqa: SIM115 - closed in close()
-        fh.seek(offset)
-        rec = records.decode(fh.readline())
-        if rec is None:
-            raise ConfigError(f"{self._paths[pid]}: damaged record at byte {offset}; run `asyncraft verify`")
-        return rec
-
-    def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-
-
-def prompts_rows(sd: store.StateDir, input_path: Path, meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def prompts_rows(rec: Recovery, input_path: Path, meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One row per input line, in input order: each line's task is looked up by id (memory does not grow with
+    the number of results)."""
     from asyncraft.jobs.prompts import PromptsJob
 
     fp = meta.get("fingerprint", {})
     job = PromptsJob(input_path, model=fp.get("model"), extra_body=fp.get("extra_body") or {})
-    index, paths = results_index(sd)
-    reader = _Reader(paths)
-    try:
+    with readers.Reader() as reader:
         for item in job.roots():
             if isinstance(item, InputProblem):
                 yield {"line": item.detail.get("line"), "custom_id": None, "status": "invalid",
                        "error": {"type": "input", "message": item.message}}
                 continue
             row: dict[str, Any] = {"line": item.meta["line"], "custom_id": item.meta.get("custom_id")}
-            packed = index.get(id_key(item.id))
-            if packed is None:
+            state, loc = readers.deciding_location(rec, id_key(item.id))
+            if loc is None:
                 row["status"] = "pending"
                 yield row
                 continue
-            rec = reader.get(packed)
-            if rec["k"] == "done":
-                msg = rec.get("message") or {}
-                row.update(status="ok", content=msg.get("content"), finish_reason=rec.get("finish_reason"),
-                           usage=rec.get("usage"), model=rec.get("model"))
+            r = reader.read(loc)
+            if state == DONE:
+                msg = r.get("message") or {}
+                row.update(status="ok", content=msg.get("content"), finish_reason=r.get("finish_reason"),
+                           usage=r.get("usage"), model=r.get("model"))
                 if msg.get("tool_calls"):
                     row["tool_calls"] = msg["tool_calls"]
             else:
-                row.update(status="failed", error=rec.get("error"))
+                row.update(status="failed", error=r.get("error"))
             yield row
-    finally:
-        reader.close()
 
 
-def export(sd: store.StateDir, fmt: str, out: Path, *, input_override: str | None = None,
-           settings: Settings | None = None) -> dict[str, int]:
-    meta = sd.read_meta()
+def export(sd: StateDir, fmt: str, out: Path, *, input_override: str | None = None,
+           settings: Settings | None = None, partial: bool = False) -> dict[str, int]:
+    rec = open_read_only(sd)
+    meta = rec.view.meta
     if meta is None:
+        rec.view.refuse_if_damaged(action="export")
         raise ConfigError(f"{sd.root} is not an asyncraft state dir (no asyncraft.json); pass --state-dir")
+    if rec.view.damage:
+        if not partial:
+            rec.view.refuse_if_damaged(action="export")
+        for f in rec.view.damage:
+            log.warning("exporting what is readable; missing: %s", f)
     job = meta.get("job")
-    if fmt in RAFT_FORMATS:
-        if job != "raft":
-            raise ConfigError(f"--format {fmt} needs a raft job; {sd.root} holds a {job} job (use --format {job})")
-        from asyncraft.config import Settings
+    try:
+        if fmt in RAFT_FORMATS:
+            if job != "raft":
+                raise ConfigError(f"--format {fmt} needs a raft job; {sd.root} holds a {job} job (use --format {job})")
+            from asyncraft.config import Settings
 
-        return export_raft(sd, meta, fmt, out, settings or Settings())
-    if fmt == "prompts":
-        if job != "prompts":
-            raise ConfigError(f"--format prompts needs a prompts job; {sd.root} holds a {job} job")
-        input_path = Path(input_override or meta.get("input", ""))
-        if not input_path.is_file():
-            raise ConfigError(f"input file {input_path} not found; export reads it for the order of lines. "
-                              "Pass --input PATH if it moved.")
-        return write_rows(prompts_rows(sd, input_path, meta), out,
-                          prompts_schema() if out.suffix == ".parquet" else None)
+            return export_raft(rec, meta, fmt, out, settings or Settings())
+        if fmt == "prompts":
+            if job != "prompts":
+                raise ConfigError(f"--format prompts needs a prompts job; {sd.root} holds a {job} job")
+            input_path = Path(input_override or meta.get("input", ""))
+            if not input_path.is_file():
+                raise ConfigError(f"input file {input_path} not found; export reads it for the order of lines. "
+                                  "Pass --input PATH if it moved.")
+            return write_rows(prompts_rows(rec, input_path, meta), out,
+                              prompts_schema() if out.suffix == ".parquet" else None)
+    except RunDamage as exc:
+        raise StateDamaged(f"{sd.root} is damaged: {exc.path} at byte {exc.offset}: {exc.problem}. Run `asyncraft "
+                           "verify` for every damaged position; `asyncraft run --salvage` sets the damage aside and "
+                           "redoes the lost tasks.") from None
     raise ConfigError(f"--format {fmt} is not available for a {job} job")
 
 
@@ -191,44 +160,37 @@ class RaftCorpus:
 
     chunks: list[ChunkInfo]
     position: dict[str, int]  # chunk id -> index in chunks
-    answers: list[tuple[int, int, str, int]]  # (chunk position, question index, answer id, packed location)
-    paths: list[Path]
+    answers: list[tuple[int, int, str, readers.Location]]  # (chunk position, question index, answer id, location)
     failed: int
     orphans: int
 
 
-def load_raft(sd: store.StateDir) -> RaftCorpus:
-    """One pass over the journal. Chunk texts are kept in memory (each once); answers only as
+def load_raft(rec: Recovery) -> RaftCorpus:
+    """One pass over the records. Chunk texts are kept in memory (each once); answers only as
     locations, read back one at a time when the rows are written."""
     from asyncraft.jobs.raft import STAGE_ANSWERS, STAGE_QUESTIONS, ChunkInfo
 
     chunk_meta: dict[str, dict[str, Any]] = {}
     chunk_done: set[str] = set()
-    answers: dict[str, tuple[str, int, int]] = {}
+    answers: dict[str, tuple[str, int, readers.Location]] = {}
     failed: set[str] = set()
-    paths: list[Path] = []
-    path_ids: dict[Path, int] = {}
-    for rec, loc in store.iter_records(sd):
-        kind = rec.get("k")
+    for r, loc in readers.iter_records(rec.view):
+        kind = r.get("k")
         if kind not in ("done", "fail"):
             continue
-        stage, tid = rec.get("stage"), rec.get("id")
+        stage, tid = r.get("stage"), r.get("id")
         if not isinstance(tid, str):
             continue
-        if stage == STAGE_QUESTIONS and isinstance(rec.get("text"), str):
+        if stage == STAGE_QUESTIONS and isinstance(r.get("text"), str):
             if tid not in chunk_done:
-                chunk_meta[tid] = {k: rec.get(k) for k in ("source", "doc", "seg", "part", "chunk_index", "text")}
+                chunk_meta[tid] = {k: r.get(k) for k in ("source", "doc", "seg", "part", "chunk_index", "text")}
                 if kind == "done":
                     chunk_done.add(tid)
         elif stage == STAGE_ANSWERS:
             if kind == "fail":
                 failed.add(tid)
-            elif tid not in answers and isinstance(rec.get("parent"), str):
-                pid = path_ids.get(loc.path)
-                if pid is None:
-                    pid = path_ids[loc.path] = len(paths)
-                    paths.append(loc.path)
-                answers[tid] = (rec["parent"], int(rec.get("q") or 0), (pid << 40) | loc.offset)
+            elif tid not in answers and isinstance(r.get("parent"), str):
+                answers[tid] = (r["parent"], int(r.get("q") or 0), loc)
     chunks = []
     for cid, m in chunk_meta.items():
         if m.get("chunk_index") is not None:
@@ -248,34 +210,31 @@ def load_raft(sd: store.StateDir) -> RaftCorpus:
     position = {c.id: i for i, c in enumerate(chunks)}
     ordered = []
     orphans = 0
-    for aid, (parent, q, packed) in answers.items():
+    for aid, (parent, q, loc) in answers.items():
         at = position.get(parent)
         if at is None:
             orphans += 1  # its question record is damaged or was set aside by --salvage
             continue
-        ordered.append((at, q, aid, packed))
-    ordered.sort()
-    return RaftCorpus(chunks, position, ordered, paths, len(failed - answers.keys()), orphans)
+        ordered.append((at, q, aid, loc))
+    ordered.sort(key=lambda a: (a[0], a[1], a[2]))
+    return RaftCorpus(chunks, position, ordered, len(failed - answers.keys()), orphans)
 
 
-def raft_records(sd: store.StateDir, corpus: RaftCorpus, meta: dict[str, Any],
+def raft_records(corpus: RaftCorpus, meta: dict[str, Any],
                  keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
     """Assembled RAFT records in a fixed order (document, chunk, question), see ``jobs.raft.assemble``."""
     from asyncraft.jobs.raft import assemble
 
     fp = meta.get("fingerprint") or {}
     k, p, seed = int(fp.get("distractors", 3)), float(fp.get("p", 0.8)), int(fp.get("seed", 0))
-    reader = _Reader(corpus.paths)
-    try:
-        for at, _q, aid, packed in corpus.answers:
+    with readers.Reader() as reader:
+        for at, _q, aid, loc in corpus.answers:
             if keep is not None and not keep(aid):
                 continue
-            rec = reader.get(packed)
-            answer = str((rec.get("message") or {}).get("content") or "")
-            yield assemble(aid, str(rec.get("question") or ""), answer, corpus.chunks[at],
+            r = reader.read(loc)
+            answer = str((r.get("message") or {}).get("content") or "")
+            yield assemble(aid, str(r.get("question") or ""), answer, corpus.chunks[at],
                            corpus.chunks, at, distractors=k, p=p, seed=seed)
-    finally:
-        reader.close()
 
 
 def format_row(record: dict[str, Any], fmt: str, settings: Settings) -> dict[str, Any]:
@@ -338,12 +297,13 @@ def split_path(out: Path, name: str) -> Path:
     return out.with_name(f"{out.stem}.{name}{out.suffix}")
 
 
-def export_raft(sd: store.StateDir, meta: dict[str, Any], fmt: str, out: Path, settings: Settings) -> dict[str, int]:
+def export_raft(rec: Recovery, meta: dict[str, Any], fmt: str, out: Path, settings: Settings) -> dict[str, int]:
     if out.suffix not in (".jsonl", ".json", ".parquet", ""):
         raise ConfigError(f"--out {out}: use a .jsonl or .parquet file name")
     if fmt == "completion" and settings.prompt_column == settings.completion_column:
         raise ConfigError("--prompt-column and --completion-column must differ")
-    corpus = load_raft(sd)
+    sd = rec.view.sd
+    corpus = load_raft(rec)
     k = int((meta.get("fingerprint") or {}).get("distractors", 3))
     if corpus.answers and len(corpus.chunks) < k + 1:
         log.warning("the state dir holds %d chunk(s): records get %d distractor(s) instead of %d", len(corpus.chunks),
@@ -366,7 +326,7 @@ def export_raft(sd: store.StateDir, meta: dict[str, Any], fmt: str, out: Path, s
         def keep(rid: str, name: str | None = name) -> bool:
             return assignment.get(rid) == name
 
-        rows = (format_row(r, fmt, settings) for r in raft_records(sd, corpus, meta, keep if settings.split else None))
+        rows = (format_row(r, fmt, settings) for r in raft_records(corpus, meta, keep if settings.split else None))
         written = write_rows(rows, path, schema)
         counts[name or "ok"] = sum(written.values())
         if name is not None:

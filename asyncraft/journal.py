@@ -1,30 +1,34 @@
-"""The single writer: the only code that writes state after recovery.
+"""The single writer: the only code that writes state while a job runs.
 
-Workers hand records to ``Journal.submit`` (which returns a future) or ``Journal.append`` (and wait);
-the writer coroutine gathers what is pending into one commit (one ``write`` and one ``fdatasync`` on a
-dedicated thread, so the event loop never blocks on the disk), and only then resolves each record's
-future. "Done" therefore always means "on disk". The writer runs no code of its callers: a future's
-callbacks run later, in the event loop, outside the writer task.
-Every ``snapshot_every`` records it seals the segment and compacts it on a second thread while
-appends go on.
+Workers hand records to ``Journal.submit`` (which returns a future) or ``Journal.append`` (and wait); the writer
+coroutine gathers what is pending into one commit (one ``write`` and one ``fdatasync`` on a dedicated thread,
+so the event loop never blocks on the disk), and only then resolves each record's future. "Done" therefore
+always means "on disk". The writer runs no code of its callers: a future's callbacks run later, in the event
+loop, outside the writer task.
+
+Every record carries its seq and ``b``, the first seq of its commit, which lets recovery tell a write torn by a
+crash (inside the last commit) from damage. When a segment is full the writer creates the next one, then seals
+the full one with a record naming it. Every ``snapshot_every`` records it seals the active segment and compacts
+the sealed ones into a run on a second thread while appends go on (see ``storage.compact``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from asyncraft import records, store
-from asyncraft.errors import DiskFull, FsyncFailed, JournalError
-from asyncraft.failpoints import Failpoints
+from asyncraft import records
+from asyncraft.errors import DiskFull, JournalError
+from asyncraft.storage.compact import Compacted, compact, manifest_entry
+from asyncraft.storage.fs import FS
+from asyncraft.storage.layout import StateDir, seg_name
+from asyncraft.storage.recover import Recovery
+from asyncraft.storage.tasks import TaskCache
 
 log = logging.getLogger("asyncraft.journal")
 
@@ -37,27 +41,32 @@ Durable = asyncio.Future[None]
 class Journal:
     def __init__(
         self,
-        sd: store.StateDir,
-        recovered: store.Recovered,
+        sd: StateDir,
+        recovery: Recovery,
         *,
+        fs: FS | None = None,
         fsync: str = "batch",
         fsync_interval: float = 0.005,
         segment_bytes: int = 64 << 20,
         snapshot_every: int = 100_000,
         disk_full_wait: float = 60.0,
-        failpoints: Failpoints | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         on_commit: Callable[[list[dict[str, Any]]], None] | None = None,
+        use_cache: bool = True,
     ) -> None:
         self._sd = sd
+        self._fs = fs or FS()
+        self._fp = self._fs.fp
         self._policy = fsync
         self._interval = fsync_interval
         self._segment_bytes = segment_bytes
         self._snapshot_every = snapshot_every
         self._disk_full_wait = disk_full_wait
-        self._fp = failpoints or Failpoints()
         self._on_error = on_error
         self.on_commit = on_commit  # sees each batch of records once it is on disk (counters, metrics)
+        self.tasks = recovery.tasks
+        self._use_cache = use_cache
+        self._cache: TaskCache | None = None  # the compactor thread's own connection
         # For the health check: a wedged writer shows as records waiting while nothing commits. Kept
         # per commit, not per record: when the queue last became non-empty, when this commit began.
         self._waiting_since: float | None = None
@@ -70,22 +79,24 @@ class Journal:
         self._closing = False
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-journal")
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="asyncraft-compact")
-        self._compaction: asyncio.Future[tuple[int, list[str]]] | None = None
+        self._compaction: asyncio.Future[Compacted] | None = None
         self._compacting: list[tuple[int, int, Path]] = []
-        self.next_seq = recovered.next_seq
-        self._runs = list(recovered.runs)
-        # Sealed segments waiting for compaction: (first seq, last seq, path).
-        self._sealed: list[tuple[int, int, Path]] = []
-        segs = recovered.segments
-        for i, (first, path) in enumerate(segs):
-            last = segs[i + 1][0] - 1 if i + 1 < len(segs) else recovered.next_seq - 1
-            if last >= first:
-                self._sealed.append((first, last, path))
-        self._since_snapshot = sum(last - first + 1 for first, last, _ in self._sealed)
+        self._compaction_failing_since: float | None = None
+        self._compaction_retry_at = 0.0
+        self.next_seq = recovery.next_seq
+        self._chain = [manifest_entry(ref.header) for ref in recovery.view.runs]
+        # Sealed segments waiting for compaction, and the active one (appended to).
+        segs = list(recovery.segments)
+        self._sealed: list[tuple[int, int, Path]] = segs[:-1]
+        if segs:
+            self._seg_first, _last, self._seg_path = segs[-1]
+            self._seg_size = self._seg_path.stat().st_size
+        else:
+            self._seg_first = self.next_seq
+            self._seg_path = sd.journal / seg_name(self.next_seq)
+            self._seg_size = 0
+        self._since_snapshot = sum(last - first + 1 for first, last, _ in segs)
         self._fd: int | None = None
-        self._seg_first = 0
-        self._seg_path: Path | None = None
-        self._seg_size = 0
         self.error: BaseException | None = None
         self.closed = False
         # observability
@@ -149,10 +160,13 @@ class Journal:
                 self._waiting_since = time.monotonic() if self._pending else None
                 if batch:
                     await self._commit(loop, batch)
+                if self._seg_size >= self._segment_bytes:
+                    await self._disk_retry(loop, self._rotate)
                 self._reap_compaction()
                 if self._closing and not self._pending:
                     break
-                if self._since_snapshot >= self._snapshot_every and self._compaction is None:
+                if (self._since_snapshot >= self._snapshot_every and self._compaction is None
+                        and time.monotonic() >= self._compaction_retry_at):
                     await self._start_compaction(loop)
             await self._finish(loop)
         except BaseException as exc:
@@ -160,6 +174,9 @@ class Journal:
             raise
         finally:
             self.closed = True
+            if self._fd is not None:
+                self._fs.close(self._fd)
+                self._fd = None
 
     async def close(self) -> None:
         """Ask the writer to commit what is pending, compact, and stop (then await run())."""
@@ -169,36 +186,41 @@ class Journal:
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
-            self.error = exc if isinstance(exc, JournalError) else JournalError(f"journal writer failed: {exc}")
+            self.error = exc if isinstance(exc, JournalError) else JournalError(f"journal writer failed: {exc!r}")
         pending, self._pending = self._pending, []
         _report(pending, self.error)
         if self._on_error is not None and not isinstance(exc, asyncio.CancelledError):
             self._on_error(self.error)
 
+    async def _disk_retry(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the journal thread; on a full disk, retry for ASYNCRAFT_DISK_FULL_WAIT, then give up."""
+        deadline = time.monotonic() + self._disk_full_wait
+        delay = 0.5
+        while True:
+            try:
+                return await loop.run_in_executor(self._io, fn, *args)
+            except DiskFull as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, delay)
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 10.0)
+
     async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[dict[str, Any], Durable]]) -> None:
-        seq = self.next_seq
+        seq = first = self.next_seq
         lines = []
         encode = records.encode
-        for rec, _cb in batch:
+        for rec, _fut in batch:
             rec["seq"] = seq
+            rec["b"] = first
             lines.append(encode(rec))
             seq += 1
         data = b"".join(lines)
         sync = self._policy != "off"
         self._commit_started, self._in_commit = time.monotonic(), len(batch)
-        deadline = time.monotonic() + self._disk_full_wait
-        delay = 0.5
+        offset = self._seg_size
         try:
-            while True:
-                try:
-                    elapsed = await loop.run_in_executor(self._io, self._write, data, sync)
-                    break
-                except DiskFull as exc:
-                    if time.monotonic() >= deadline:
-                        raise
-                    log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, delay)
-                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                    delay = min(delay * 2, 10.0)
+            elapsed = await self._disk_retry(loop, self._write, data, sync)
         except BaseException as exc:
             _report(batch, exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}"))
             raise
@@ -209,110 +231,119 @@ class Journal:
         self._since_snapshot += len(batch)
         self.commits += 1
         self.last_progress = time.monotonic()
+        path = self._seg_path
+        apply = self.tasks.apply
+        for (rec, _fut), line in zip(batch, lines, strict=True):
+            apply(rec, (path, offset))
+            offset += len(line)
         if self.on_commit is not None:
-            self.on_commit([rec for rec, _cb in batch])
+            self.on_commit([rec for rec, _fut in batch])
+        self._fs.note("ack", seq - 1)
         _report(batch, None)
 
     # -- runs on the journal thread --------------------------------------------------------------
 
-    def _open_segment(self) -> None:
-        self._seg_first = self.next_seq
-        self._seg_path = self._sd.journal / store.seg_name(self._seg_first)
-        self._fd = os.open(self._seg_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._seg_size = os.fstat(self._fd).st_size
-        store.fsync_dir(self._sd.journal)
-
     def _write(self, data: bytes, sync: bool) -> float:
         if self._fd is None:
-            self._open_segment()
+            self._fd = self._fs.open_append(self._seg_path)
         fd = self._fd
-        assert fd is not None
-        start = self._seg_size
         self._fp.hit("journal.before_write")
-        try:
-            try:
-                self._fp.hit("journal.write")
-            except OSError:
-                os.write(fd, data[: len(data) // 2])  # a partial write, as a real ENOSPC can leave
-                raise
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except OSError as exc:
-            # Take back the partial write so the file ends on a record boundary.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"disk full writing {self._seg_path}: {exc.strerror}") from None
-            raise JournalError(f"cannot write {self._seg_path}: {exc.strerror}") from None
-        self._seg_size = start + len(data)
+        self._fs.append(fd, data, size_before=self._seg_size)
+        self._seg_size += len(data)
         self.bytes_written += len(data)
         self._fp.hit("journal.after_write")
         elapsed = 0.0
         if sync:
             t0 = time.perf_counter()
-            try:
-                self._fp.hit("journal.fsync")
-                os.fdatasync(fd)
-            except OSError as exc:
-                raise FsyncFailed(
-                    f"fsync of {self._seg_path} failed ({exc.strerror}); the kernel may have dropped the "
-                    "data, so asyncraft stops here and recovery will decide what is on disk") from None
+            self._fs.fdatasync(fd)
             elapsed = time.perf_counter() - t0
             self._fp.hit("journal.after_fsync")
-        if self._seg_size >= self._segment_bytes:
-            self._seal(self.next_seq + self._pending_count(data) - 1)
         return elapsed
 
-    def _pending_count(self, data: bytes) -> int:
-        return data.count(b"\n")
-
-    def _seal(self, last_seq: int) -> None:
-        """Close the active segment (durably) and queue it for compaction."""
-        if self._fd is None or self._seg_path is None:
-            return
-        os.fsync(self._fd)
-        os.close(self._fd)
+    def _rotate(self) -> None:
+        """Seal the active segment: create the next one first, then write the seal naming it."""
+        if self._seg_size == 0:
+            return  # nothing to seal
+        if self._fd is None:
+            self._fd = self._fs.open_append(self._seg_path)
+        seal_seq = self.next_seq
+        nxt = seal_seq + 1
+        new_path = self._sd.journal / seg_name(nxt)
+        self._fs.create_empty(new_path)
+        line = records.encode({"k": "seal", "next": nxt, "seq": seal_seq, "b": seal_seq})
+        self._fs.append(self._fd, line, size_before=self._seg_size)
+        if self._policy != "off":
+            self._fs.fsync(self._fd)
+        self._fp.hit("journal.after_seal")
+        self._fs.close(self._fd)
         self._fd = None
-        if last_seq >= self._seg_first:
-            self._sealed.append((self._seg_first, last_seq, self._seg_path))
-        self._seg_path = None
+        self._sealed.append((self._seg_first, seal_seq, self._seg_path))
+        self._since_snapshot += 1
+        self._seg_first, self._seg_path, self._seg_size = nxt, new_path, 0
+        self.next_seq = nxt
 
     # -- compaction --------------------------------------------------------------------------------
 
     async def _start_compaction(self, loop: asyncio.AbstractEventLoop) -> None:
-        await loop.run_in_executor(self._io, self._seal, self.next_seq - 1)
+        await self._disk_retry(loop, self._rotate)
         todo = list(self._sealed)
         if not todo:
             return
         self._since_snapshot = 0
-        self._compaction = loop.run_in_executor(
-            self._compactor, store.compact, self._sd, todo, list(self._runs), self._fp)
+        self._compaction = loop.run_in_executor(self._compactor, self._compact, todo, list(self._chain))
         self._compacting = todo
+
+    def _compact(self, todo: list[tuple[int, int, Path]], chain: list[dict[str, Any]]) -> Compacted:
+        if self._cache is None and self._use_cache:
+            self._cache = TaskCache.open(self._sd.cache_path)
+        return compact(self._fs, self._sd, todo, chain, self._cache)
 
     def _reap_compaction(self) -> None:
         fut = self._compaction
         if fut is None or not fut.done():
             return
         self._compaction = None
-        _seq, runs = fut.result()  # a failed compaction is fatal: the disk is not behaving
-        self._runs = runs
-        done = {p for _, _, p in self._compacting}
-        self._sealed = [s for s in self._sealed if s[2] not in done]
+        try:
+            done = fut.result()
+        except DiskFull as exc:
+            # Compaction is not needed for safety (the journal holds every record): try again later, and stop
+            # only if the disk stays full for ASYNCRAFT_DISK_FULL_WAIT.
+            now = time.monotonic()
+            if self._compaction_failing_since is None:
+                self._compaction_failing_since = now
+            if now - self._compaction_failing_since >= self._disk_full_wait:
+                raise
+            log.error("%s; compaction postponed", exc)
+            self._compaction_retry_at = now + min(10.0, max(0.5, self._disk_full_wait / 10))
+            self._since_snapshot = self._snapshot_every  # due again
+            return
+        self._compaction_failing_since = None
+        self._chain = done.chain
+        compacted = {p for _, _, p in self._compacting}
+        self._sealed = [s for s in self._sealed if s[2] not in compacted]
+        if done.cached:
+            self.tasks.forget_through(done.header.last)
         self.last_snapshot = time.time()
-        log.debug("snapshot through seq %d (%d runs)", _seq, len(runs))
+        log.debug("snapshot through seq %d (%d runs)", done.header.last, len(done.chain))
 
     async def _finish(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._compaction is not None:
-            await self._compaction
-            self._reap_compaction()
-        await self._start_compaction(loop)
-        if self._compaction is not None:
-            await self._compaction
-            self._reap_compaction()
+        """Compact everything left (the final snapshot), riding out a full disk for ASYNCRAFT_DISK_FULL_WAIT."""
+        while True:
+            if self._compaction is not None:
+                await asyncio.wait([self._compaction])
+                self._reap_compaction()  # raises once the disk has been full for too long
+                continue
+            if not self._sealed and self._seg_size == 0:
+                break
+            if (wait := self._compaction_retry_at - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            await self._start_compaction(loop)
+            if self._compaction is None:
+                break
         self._io.shutdown(wait=True)
         self._compactor.shutdown(wait=True)
+        if self._cache is not None:
+            self._cache.close()
 
     def abandon(self) -> None:
         """Stop without compacting (after a fatal I/O error): nothing more is written."""

@@ -7,11 +7,31 @@ lets the reader verify a line without re-serialising it.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import zlib
 from typing import Any
 
 import orjson
+
+
+class Kind(enum.IntEnum):
+    """What a journal record says about its task (the ``k`` field names it in the journal)."""
+
+    META = 0  # everything else: input progress, seals, notes, lost placeholders
+    DONE = 1
+    FAIL = 2
+    ATTEMPT = 3  # a paid answer the job rejected and asked again
+    IERR = 4  # an input problem
+
+
+KIND_OF = {"done": Kind.DONE, "fail": Kind.FAIL, "attempt": Kind.ATTEMPT, "ierr": Kind.IERR}
+NAME_OF = {v: k for k, v in KIND_OF.items()}
+
+
+def kind_of(record: dict[str, Any]) -> Kind:
+    return KIND_OF.get(record.get("k", ""), Kind.META)
+
 
 _TAIL = b',"c":"'
 TAIL_LEN = 16  # len(b',"c":"xxxxxxxx"}')

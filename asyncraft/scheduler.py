@@ -33,7 +33,7 @@ from asyncraft.progress import StageTally
 from asyncraft.provider import Completion
 from asyncraft.records import content_id, id_key, scrub
 from asyncraft.retry import Action, backoff, classify
-from asyncraft.store import Recovered
+from asyncraft.storage.recover import Recovery
 
 log = logging.getLogger("asyncraft")
 
@@ -97,7 +97,7 @@ class Stats:
 
 class Scheduler:
     def __init__(self, job: Job, journal: Journal, call: Callable[[Task, Callable[[], None]], Awaitable[Completion]],
-                 limits: Limits, recovered: Recovered, *, concurrency: int, stall_timeout: float,
+                 limits: Limits, recovered: Recovery, *, concurrency: int, stall_timeout: float,
                  max_retries: int, backoff_base: float, backoff_max: float, output_estimate: int,
                  request_timeout: float | None = None, retry_failed: bool = False, api_key: str | None = None,
                  on_problem: Callable[[dict[str, Any]], Awaitable[None]] | None = None,

@@ -8,10 +8,62 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def journal_records(state: Path) -> Iterator[dict[str, Any]]:
+    """Every record of a state dir in seq order, as the resolver sees it (read-only)."""
+    from asyncraft.storage import readers
+    from asyncraft.storage.layout import StateDir
+    from asyncraft.storage.resolve import resolve
+
+    view = resolve(StateDir(state))
+    for rec, _loc in readers.iter_records(view):
+        yield rec
+
+
+@dataclass
+class States:
+    """Task states computed from the records themselves (not from the task cache): a test oracle."""
+
+    done: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    attempts: Counter[int] = field(default_factory=Counter)
+    input_errors: set[int] = field(default_factory=set)
+    last_seq: int = 0
+
+    @property
+    def settled(self) -> set[int]:
+        return self.done | self.failed
+
+
+def task_states(state: Path) -> States:
+    out = States()
+    if not (state / "asyncraft.json").exists():
+        return out
+    for rec in journal_records(state):
+        out.last_seq = rec["seq"]
+        tid = rec.get("id")
+        if not isinstance(tid, str):
+            continue
+        key = int(tid, 16)
+        kind = rec.get("k")
+        if kind == "done":
+            out.done.add(key)
+            out.failed.discard(key)
+        elif kind == "fail" and key not in out.done:
+            out.failed.add(key)
+        elif kind == "attempt":
+            out.attempts[key] += 1
+        elif kind == "ierr":
+            out.input_errors.add(key)
+    return out
 
 
 class SimProcess:

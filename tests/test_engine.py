@@ -17,9 +17,8 @@ from typing import Any
 import orjson
 import pytest
 
-from asyncraft import store
 from tests.conftest import cli_env, run_cli, write_prompts
-from tests.helpers import ROOT, SimProcess
+from tests.helpers import ROOT, SimProcess, task_states
 
 KEY = "test-SECRETKEY-not-a-real-key-0123456789"  # the key cli_env() gives every run
 
@@ -44,8 +43,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condi
 
 
 def durable_ids(state: Path) -> set[int]:
-    rec = store.recover(store.StateDir(state), repair=False, check_data=False)
-    return rec.done | rec.failed
+    return task_states(state).settled
 
 
 # -- provider failures -------------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncraft import store
 from tests.conftest import cli_env, write_prompts
-from tests.helpers import ROOT, SimProcess
+from tests.helpers import ROOT, SimProcess, journal_records
 
 N = 120
 PRICE_IN, PRICE_OUT = 2.5, 10.0
@@ -140,7 +139,7 @@ def test_metrics_after_a_run_match_the_simulator(sim_factory: Any, tmp_path: Pat
     assert not slowest  # custom buckets for LLM latencies, not the library's defaults
 
     # The journal numbers agree with what is on disk.
-    last_seq = max(rec["seq"] for rec, _loc in store.iter_records(store.StateDir(state)))
+    last_seq = max(rec["seq"] for rec in journal_records(state))
     assert value(samples, "asyncraft_journal_seq") == last_seq == N + 1  # the results and the input record
     on_disk = sum(p.stat().st_size for p in (state / "journal").glob("*.jsonl"))
     assert value(samples, "asyncraft_journal_bytes_total") == on_disk

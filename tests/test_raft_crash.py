@@ -18,10 +18,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from asyncraft import simcontent, store
+from asyncraft import simcontent
 from asyncraft.records import id_key
 from tests.conftest import cli_env, run_cli
-from tests.helpers import ROOT, kill_after, start_simulator
+from tests.helpers import ROOT, kill_after, start_simulator, task_states
 from tests.test_raft_e2e import DOCS, RAFT_FLAGS, Graph, task_graph
 
 SIM_ARGS = ("--latency-ms", "15", "--latency-dist", "lognormal", "--p-429", "0.03", "--p-500", "0.03",
@@ -54,8 +54,7 @@ def stages_in_progress(state: Path, graph: Graph) -> set[str]:
     """Stages with some but not all of their tasks settled on disk."""
     if not (state / "asyncraft.json").exists():
         return set()
-    rec = store.recover(store.StateDir(state), repair=False, check_data=False)
-    settled = rec.done | rec.failed
+    settled = task_states(state).settled
     total, done = Counter(graph.stage.values()), Counter(graph.stage[k] for k in settled if k in graph.stage)
     return {s for s in total if 0 < done[s] < total[s]}
 
@@ -124,7 +123,7 @@ def test_kill9_in_every_stage_then_resume(chunker: str, corpus: Path, tmp_path: 
         assert len(ids) == len(set(ids)) and set(ids) == graph.records
         assert sorted(got.splitlines(), key=lambda x: orjson.loads(x)["id"]) == sorted(
             expected.splitlines(), key=lambda x: orjson.loads(x)["id"])
-        rec = store.recover(store.StateDir(state), repair=False)
+        rec = task_states(state)
         assert graph.failed <= rec.failed and {id_key(i) for i in graph.records} <= rec.done
         assert run_cli("verify", "--state-dir", str(state), env=env).returncode == 0
     finally:

@@ -22,14 +22,14 @@ from typing import Any
 import orjson
 import pytest
 
-from asyncraft import simcontent, store
+from asyncraft import simcontent
 from asyncraft.jobs.base import Task
 from asyncraft.jobs.raft import STAGE_ANSWERS, RaftJob, RaftParams
 from asyncraft.provider import Completion
 from asyncraft.records import id_key
 from asyncraft.simulate import body_hash
 from tests.conftest import cli_env, run_cli
-from tests.helpers import ROOT, SimProcess, start_simulator
+from tests.helpers import ROOT, SimProcess, journal_records, start_simulator, task_states
 from tests.test_raft_units import make_pdf
 
 DOCS = ROOT / "asyncraft" / "data" / "docs"
@@ -55,7 +55,7 @@ class Graph:
         """Hashes of the paid requests whose outcome is on disk in ``state``."""
         if not (state / "asyncraft.json").exists():
             return set()
-        rec = store.recover(store.StateDir(state), repair=False, check_data=False)
+        rec = task_states(state)
         out: set[str] = set()
         for key, hashes in self.hashes.items():
             n = rec.attempts.get(key, 0) + (1 if key in rec.done or key in rec.failed else 0)
@@ -113,8 +113,7 @@ def export(state: Path, fmt: str, out: Path, env: dict[str, str], *extra: str) -
 
 
 def journal(state: Path) -> Iterator[dict[str, Any]]:
-    for rec, _ in store.iter_records(store.StateDir(state)):
-        yield rec
+    yield from journal_records(state)
 
 
 @pytest.fixture(scope="module")

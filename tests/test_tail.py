@@ -10,12 +10,12 @@ from typing import Any
 
 import orjson
 
-from asyncraft import store
-from asyncraft.failpoints import Failpoints
-from asyncraft.inspect import Follower
 from asyncraft.simcontent import BAD_REQUEST_MARKER
+from asyncraft.storage import FS, StateDir
+from asyncraft.storage.compact import compact
+from asyncraft.views import Follower
 from tests.conftest import cli_env, run_cli, write_prompts
-from tests.helpers import ROOT
+from tests.helpers import ROOT, journal_records
 
 
 def wait_for(cond: Any, timeout: float, why: str) -> Any:
@@ -28,7 +28,7 @@ def wait_for(cond: Any, timeout: float, why: str) -> Any:
 
 
 def last_seq(state: Path) -> int:
-    return max(int(rec["seq"]) for rec, _loc in store.iter_records(store.StateDir(state)))
+    return max(int(rec["seq"]) for rec in journal_records(state))
 
 
 def printed_seqs(path: Path) -> list[int]:
@@ -53,7 +53,7 @@ def test_follow_across_rotation_and_compaction_misses_and_repeats_nothing(sim_fa
                                  "--state-dir", str(state)], env=env, cwd=ROOT, stdout=out, stderr=subprocess.PIPE)
         try:
             assert run.poll() is None, "the run ended before tail started; give it more work"
-            runs_at_start = set((state / "runs").glob("*.jsonl"))
+            runs_at_start = set((state / "runs").glob("*.zst"))
             _, err = run.communicate(timeout=120)
             assert run.returncode == 0, err.decode()
             final = last_seq(state)
@@ -63,7 +63,7 @@ def test_follow_across_rotation_and_compaction_misses_and_repeats_nothing(sim_fa
             tail.terminate()
             _, tail_err = tail.communicate(timeout=30)
     assert b"Traceback" not in tail_err, tail_err.decode()
-    compacted_later = set((state / "runs").glob("*.jsonl")) - runs_at_start
+    compacted_later = set((state / "runs").glob("*.zst")) - runs_at_start
     assert len(compacted_later) >= 3, "no compaction happened while tail was following"
     assert printed_seqs(out_path) == list(range(1, final + 1))
 
@@ -80,7 +80,7 @@ def test_follower_survives_its_file_being_compacted_away(sim_factory: Any, tmp_p
                   ASYNCRAFT_FAILPOINTS="journal.after_fsync@100")
     res = run_cli("run", "--input", str(inp), "--state-dir", str(state), env=env)
     assert res.returncode == -9, res.stderr
-    sd = store.StateDir(state)
+    sd = StateDir(state)
     segments = sd.segments()
     assert len(segments) >= 4
     final = last_seq(state)
@@ -90,7 +90,7 @@ def test_follower_survives_its_file_being_compacted_away(sim_factory: Any, tmp_p
     assert first == list(range(1, 31))
     sealed = [(f, segments[i + 1][0] - 1, p) for i, (f, p) in enumerate(segments[:-1])]
     assert any(f <= 30 <= last for f, last, _ in sealed), "the follower is not inside a sealed segment"
-    store.compact(sd, sealed, [], Failpoints())
+    compact(FS(), sd, sealed, [], None)
     assert len(sd.segments()) == 1
 
     got: list[int] = []

@@ -1,38 +1,42 @@
-"""Read-only views of a state dir: ``status``, ``tail``, ``verify``. Safe while a run is writing."""
+"""Read-only views of a state dir: ``status``, ``tail``, ``verify``. Safe while a run is writing.
+
+All three see the state dir through the one resolver (``storage.resolve``), so they agree with ``run`` and
+``export`` on what it holds and on what is damaged."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from asyncraft import records, store
+from asyncraft import records
 from asyncraft.cost import Budget
-from asyncraft.errors import ConfigError
+from asyncraft.errors import ConfigError, StateDamaged
+from asyncraft.storage import ensure_current, open_read_only, readers, runfile
+from asyncraft.storage.layout import StateDir
+from asyncraft.storage.resolve import Finding, resolve
+from asyncraft.storage.runfile import RunDamage
 
 
-def _require(sd: store.StateDir) -> dict[str, Any]:
-    meta = sd.read_meta()
-    if meta is None:
+def _require(sd: StateDir) -> None:
+    if not sd.meta_path.exists() and not sd.journal.is_dir():
         raise ConfigError(f"{sd.root} is not an asyncraft state dir (no asyncraft.json); pass --state-dir")
-    return meta
+    ensure_current(sd)
 
 
 # -- status ----------------------------------------------------------------------------------------
 
 
-def status(sd: store.StateDir, budget: Budget | None = None) -> dict[str, Any]:
+def status(sd: StateDir, budget: Budget | None = None) -> dict[str, Any]:
     """Counts of a state dir; a running job's own live numbers when it is running. ``budget`` gives the prices
     for the cost estimate (a running job reports the cost at its own prices)."""
-    meta = _require(sd)
+    _require(sd)
     live = sd.is_locked()
     priced = budget is not None and bool(budget.price_input_per_m or budget.price_output_per_m)
     if live:
@@ -43,25 +47,38 @@ def status(sd: store.StateDir, budget: Budget | None = None) -> dict[str, Any]:
             if snap.get("cost") is None and budget is not None and priced:
                 snap["cost"] = round(budget.cost(snap.get("prompt_tokens", 0), snap.get("completion_tokens", 0)), 6)
             return snap
-    rec = store.recover(sd, repair=False, check_data=False)
+    try:
+        rec = open_read_only(sd)
+    except StateDamaged as exc:
+        view = resolve(sd)
+        return {"state_dir": str(sd.root), "job": (view.meta or {}).get("job"), "running": live,
+                "damaged": [str(f) for f in view.damage] or [str(exc)]}
+    meta = rec.view.meta or {}
     total = rec.last_input.get("total") if rec.last_input else None
-    done, failed = len(rec.done), len(rec.failed)
+    done, failed = rec.tasks.n_done, rec.tasks.n_failed
     if total is not None:
         total = max(total, done + failed)
+    counters = rec.counters
     return {
         "state_dir": str(sd.root), "job": meta.get("job"), "running": live,
         "total": total, "done": done, "failed": failed,
         "pending": (total - done - failed) if total is not None else None,
-        "input_problems": len(rec.input_errors), "calls": rec.counters.get("calls", 0),
-        "prompt_tokens": rec.counters.get("prompt_tokens", 0),
-        "completion_tokens": rec.counters.get("completion_tokens", 0),
+        "input_problems": rec.tasks.n_ierr, "calls": counters.get("calls", 0),
+        "prompt_tokens": counters.get("prompt_tokens", 0),
+        "completion_tokens": counters.get("completion_tokens", 0),
         "journal_seq": rec.next_seq - 1, "input_read": rec.last_input is not None,
-        "cost": (round(budget.cost(rec.counters.get("prompt_tokens", 0), rec.counters.get("completion_tokens", 0)),
+        "cost": (round(budget.cost(counters.get("prompt_tokens", 0), counters.get("completion_tokens", 0)),
                        6) if budget is not None and priced else None),
+        "damaged": [str(f) for f in rec.view.damage],
     }
 
 
 def format_status(st: dict[str, Any]) -> str:
+    if st.get("damaged") and st.get("done") is None:
+        return "\n".join([f"state dir   {st.get('state_dir')}  (DAMAGED)", f"job         {st.get('job')}",
+                          *(f"damage      {d}" for d in st["damaged"]),
+                          "            run `asyncraft verify` for every position; `asyncraft run --salvage` "
+                          "sets the damage aside and redoes the lost tasks"])
     total = st.get("total")
     lines = [
         f"state dir   {st.get('state_dir')}  ({'running' if st.get('running') else 'not running'})",
@@ -140,10 +157,10 @@ class Follower:
 
     It remembers the last sequence number it handed out and where that record was. New records are read from
     there; when that file ends for good (a sealed segment, a run) or is gone (released after a compaction), it
-    looks the next sequence number up wherever it now is. A record is handed out only if its sequence number is
-    the next one, so nothing is skipped and nothing is repeated, whatever moves under it."""
+    asks the resolver where the next sequence number now is. A record is handed out only if its sequence number
+    is the next one, so nothing is skipped and nothing is repeated, whatever moves under it."""
 
-    def __init__(self, sd: store.StateDir) -> None:
+    def __init__(self, sd: StateDir) -> None:
         self.sd = sd
         self.last = 0
         self._path: Path | None = None
@@ -158,26 +175,25 @@ class Follower:
         got = self._read_current()
         if got or not self._needs_scan():
             return got
-        return self._scan()
+        return list(self._scan_iter())
 
-    def _take(self, rec: dict[str, Any], path: Path, offset: int) -> bool:
+    def _take(self, rec: dict[str, Any]) -> bool:
         seq = rec.get("seq", 0)
         if seq != self.last + 1:
             return False
         self.last = seq
-        self._path, self._offset = path, offset
         return True
 
-    def _scan(self) -> list[dict[str, Any]]:
-        return list(self._scan_iter())
-
     def _scan_iter(self) -> Iterator[dict[str, Any]]:
-        for rec, loc in store.iter_records(self.sd, after_seq=self.last):
-            if rec.get("seq", 0) <= self.last:
-                continue
-            if not self._take(rec, loc.path, loc.offset):
-                break  # a gap: the record is being moved by a compaction; look again at the next poll
-            yield rec
+        view = resolve(self.sd)
+        try:
+            for rec, loc in readers.iter_records(view, after_seq=self.last):
+                if not self._take(rec):
+                    break  # a gap: the record is being moved by a compaction; look again at the next poll
+                self._path, self._offset = (loc.path, loc.offset) if loc.frame < 0 else (None, 0)
+                yield rec
+        except FileNotFoundError:
+            self._path = None  # a file went away under us (compaction): the next poll looks again
 
     def _read_current(self) -> list[dict[str, Any]]:
         path = self._path
@@ -192,22 +208,25 @@ class Follower:
             return []
         out = []
         base = self._offset
-        for pos, end in store.iter_lines(data):
-            if data[end - 1 : end] != b"\n":
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl < 0:
                 break  # being written
-            rec = records.decode(data[pos:end])
+            rec = records.decode(data[pos : nl + 1])
             if rec is None:
                 self._path = None  # rewritten under us (salvage) or damaged: find the next record afresh
                 break
-            seq = rec.get("seq", 0)
-            if seq <= self.last:
-                self._offset = base + end
+            if rec.get("seq", 0) <= self.last:
+                self._offset = base + nl + 1
+                pos = nl + 1
                 continue
-            if not self._take(rec, path, base + pos):
+            if not self._take(rec):
                 self._path = None  # not the next record: look for it elsewhere
                 break
-            self._offset = base + end
+            self._offset = base + nl + 1
             out.append(rec)
+            pos = nl + 1
         return out
 
     def _needs_scan(self) -> bool:
@@ -219,7 +238,7 @@ class Follower:
         return not segments or segments[-1][1] != self._path
 
 
-def tail(sd: store.StateDir, *, lines: int, follow: bool, raw: bool, stage: str | None = None,
+def tail(sd: StateDir, *, lines: int, follow: bool, raw: bool, stage: str | None = None,
          errors: bool = False, out: IO[str] | None = None, poll: float = 0.2,
          stop_after: float | None = None) -> int:
     """Print the last ``lines`` records (of those the filters keep), then with ``follow`` new ones as they are
@@ -256,94 +275,26 @@ def _emit(rec: dict[str, Any], raw: bool, out: IO[str]) -> None:
 # -- verify ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Finding:
-    path: str
-    offset: int
-    problem: str
-    damage: bool = True
-
-    def __str__(self) -> str:
-        return f"{'DAMAGED' if self.damage else 'note'}: {self.path} at byte {self.offset}: {self.problem}"
-
-
-def verify(sd: store.StateDir) -> list[Finding]:
-    """Check every record checksum, sequence continuity, run indexes and snapshots."""
+def verify(sd: StateDir) -> list[Finding]:
+    """Everything the resolver checks, then every byte of every run: index bodies, frame and record checksums,
+    and the data checksum of each run file."""
     _require(sd)
-    found: list[Finding] = []
-    newest_ok = None
-    for seq, path in sd.manifests():
-        m = store.read_manifest(path)
-        if m is None or m.get("seq") != seq:
-            found.append(Finding(str(path), 0, "snapshot manifest is damaged (recovery uses an older one and "
-                                 "the runs after it)"))
-        elif newest_ok is None:
-            newest_ok = m
-    expected = 1
-    run_stems = set(newest_ok["runs"]) if newest_ok else set()
-    for first, last, path in sd.run_files():
-        listed = path.stem in run_stems
-        ix = store.load_run(path, check_data=False)
-        if ix is None:
-            if listed:
-                found.append(Finding(str(path), 0, "run index missing or damaged"))
-            continue
-        data = path.read_bytes()
-        if zlib.crc32(data) != ix.data_crc:
-            found.append(Finding(str(path), 0, "run data checksum mismatch"))
-        for f in _check_lines(path, data, None, final=False):
-            found.append(f)
-        if first != expected and listed:
-            found.append(Finding(str(path), 0, f"runs do not continue: expected seq {expected}, run starts at {first}"))
-        expected = last + 1
-    segs = sd.segments()
-    for i, (first, path) in enumerate(segs):
+    view = resolve(sd)
+    found = list(view.findings)
+    for ref in view.runs:
+        index_path = runfile.index_path_for(ref.path)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            index = runfile.read_index(index_path)
+        except RunDamage as exc:
+            found.append(Finding(str(exc.path), exc.offset, exc.problem))
             continue
-        if first > expected:
-            found.append(Finding(str(path), 0, f"records {expected}..{first - 1} are missing"))
-        expected = max(expected, first)
-        findings = _check_lines(path, data, expected, final=i == len(segs) - 1)
-        found.extend(findings)
-        for rec in _valid_records(data):
-            if rec.get("seq", 0) >= expected:
-                expected = rec["seq"] + 1
+        try:
+            with runfile.RunReader(ref.path, index, cache_frames=1) as reader:
+                for _ in reader.records():
+                    pass
+        except RunDamage as exc:
+            found.append(Finding(str(exc.path), exc.offset, exc.problem))
+            continue
+        if not runfile.check_data_crc(ref.path, ref.header):
+            found.append(Finding(str(ref.path), 0, "run data checksum mismatch"))
     return found
-
-
-def _valid_records(data: bytes) -> Iterator[dict[str, Any]]:
-    for pos, end in store.iter_lines(data):
-        rec = records.decode(data[pos:end])
-        if rec is not None:
-            yield rec
-
-
-def _check_lines(path: Path, data: bytes, expected: int | None, *, final: bool) -> list[Finding]:
-    out: list[Finding] = []
-    bad: list[int] = []
-    prev = None
-    for pos, end in store.iter_lines(data):
-        rec = records.decode(data[pos:end]) if data[end - 1 : end] == b"\n" else None
-        if rec is None:
-            bad.append(pos)
-            continue
-        seq = rec.get("seq")
-        if prev is not None and isinstance(seq, int) and seq != prev + 1:
-            out.append(Finding(str(path), pos, f"sequence jumps from {prev} to {seq}"))
-        if prev is None and expected is not None and isinstance(seq, int) and seq > expected:
-            out.append(Finding(str(path), pos, f"records {expected}..{seq - 1} are missing"))
-        prev = seq if isinstance(seq, int) else prev
-        if bad:
-            for b in bad:
-                out.append(Finding(str(path), b, "record checksum mismatch (followed by valid records)"))
-            bad = []
-    if bad:
-        if final and len(bad) >= 1:
-            out.append(Finding(str(path), bad[0], "torn last record (an interrupted write; resume truncates it)",
-                               damage=False))
-        else:
-            for b in bad:
-                out.append(Finding(str(path), b, "record checksum mismatch"))
-    return out

@@ -1,0 +1,93 @@
+"""Compaction: sealed journal segments become one sealed run, then a manifest names it, then the segments go.
+
+Each step is durable before the next starts, so a crash (or power cut) between any two leaves a state the
+resolver reads without loss: the run is written and synced before its index, the index before the manifest,
+the manifest before the segments are released. Cost grows with the records compacted, not with history:
+runs are immutable and the manifest only lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asyncraft import records
+from asyncraft.storage import runfile
+from asyncraft.storage.fs import FS
+from asyncraft.storage.layout import StateDir, manifest_name
+from asyncraft.storage.runfile import RunHeader, RunIndex
+from asyncraft.storage.tasks import TaskCache
+
+log = logging.getLogger("asyncraft.storage")
+
+KEEP_MANIFESTS = 2
+
+
+@dataclass
+class Compacted:
+    header: RunHeader
+    chain: list[dict[str, Any]]  # the manifest's runs after this compaction
+    cached: bool  # the task cache now holds the run (the writer may forget its records)
+
+
+def manifest_entry(header: RunHeader) -> dict[str, Any]:
+    return {"name": header.name, "first": header.first, "last": header.last, "bytes": header.data_bytes,
+            "count": header.count}
+
+
+def segment_lines(segments: list[tuple[int, int, Path]]) -> Iterator[bytes]:
+    """The records of sealed segments, in order (the writer checked and synced them)."""
+    for first, last, path in segments:
+        data = path.read_bytes()
+        pos = 0
+        seq = first
+        while pos < len(data) and seq <= last:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            yield data[pos : nl + 1]
+            pos = nl + 1
+            seq += 1
+
+
+def write_manifest(fs: FS, sd: StateDir, chain: list[dict[str, Any]], seq: int) -> None:
+    manifest = records.encode({"k": "manifest", "v": 2, "seq": seq, "runs": chain, "next": seq + 1,
+                               "t": round(time.time(), 3)})
+    fs.write_atomic(sd.snapshots / manifest_name(seq), manifest, mid="snapshot.mid_write",
+                    after_rename="snapshot.after_rename")
+
+
+def compact(fs: FS, sd: StateDir, segments: list[tuple[int, int, Path]], chain: list[dict[str, Any]],
+            cache: TaskCache | None) -> Compacted:
+    """Turn sealed segments (each ending with its seal) into one run; the next segment already exists."""
+    first = segments[0][0]
+    data, index_blob, header = runfile.build_run(segment_lines(segments), first)
+    fs.write_atomic(sd.runs / header.name, data)
+    fs.fp.hit("compact.mid_index")
+    fs.write_atomic(runfile.index_path_for(sd.runs / header.name), index_blob)
+    new_chain = [*chain, manifest_entry(header)]
+    write_manifest(fs, sd, new_chain, header.last)
+    fs.fp.hit("snapshot.before_release")
+    for _first, _last, path in segments:
+        fs.unlink(path)
+    fs.fsync_dir(sd.journal)
+    for _seq, old in sd.manifests()[KEEP_MANIFESTS:]:
+        fs.unlink(old)
+    cached = False
+    if cache is not None:
+        try:
+            cache.apply_run(len(chain), _parse_index(index_blob, header))
+            cached = True
+        except Exception as exc:  # the cache is derived: the next start brings it up to date
+            log.warning("task cache not updated (%s); it is caught up at the next start", exc)
+    return Compacted(header, new_chain, cached)
+
+
+def _parse_index(blob: bytes, header: RunHeader) -> RunIndex:
+    body = blob[blob.find(b"\n") + 1 :]
+    split = header.frames * runfile.FRAME.size
+    return RunIndex(header, list(runfile.FRAME.iter_unpack(body[:split])), body[split:])

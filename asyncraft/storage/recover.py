@@ -1,0 +1,273 @@
+"""Opening a state dir: resolve it, refuse or salvage damage, tidy what a crash left, and rebuild what the run needs.
+
+``recover`` is the start of ``asyncraft run``; ``open_read`` the start of the read-only commands. Both resolve
+the state dir with the one resolver, so they agree on what it holds. A resume reads the manifest, the run
+headers and the live journal (at most one snapshot's worth); the task states of the runs come from the derived
+cache, the job's payloads (RAFT's questions and chunks, the problems for errors.jsonl) only from the frames
+that hold them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncraft import records
+from asyncraft.errors import StateDamaged
+from asyncraft.records import NAME_OF, Kind, kind_of
+from asyncraft.storage import runfile
+from asyncraft.storage.fs import FS
+from asyncraft.storage.layout import StateDir, seg_name
+from asyncraft.storage.resolve import RunRef, StateView, resolve
+from asyncraft.storage.runfile import RunDamage, RunIndex, RunReader
+from asyncraft.storage.tasks import DONE, FAILED, IERR, NONE, Row, TaskCache, TaskStates, merge_state
+
+log = logging.getLogger("asyncraft.storage")
+
+PayloadHook = Callable[[dict[str, Any]], None]
+WantsHook = Callable[[str, str], bool]
+
+
+@dataclass
+class Recovery:
+    view: StateView
+    next_seq: int
+    tasks: TaskStates
+    counters: Counter[str] = field(default_factory=Counter)
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # Live journal segments: (first, last, path); all but the last are sealed and wait for compaction.
+    segments: list[tuple[int, int, Path]] = field(default_factory=list)
+
+    # Names the scheduler already uses.
+    @property
+    def done(self) -> Any:
+        return self.tasks.done
+
+    @property
+    def failed(self) -> Any:
+        return self.tasks.failed
+
+    @property
+    def input_errors(self) -> Any:
+        return self.tasks.input_errors
+
+    @property
+    def attempts(self) -> Any:
+        return self.tasks.attempts
+
+    @property
+    def last_input(self) -> dict[str, Any] | None:
+        return self.latest.get("input")
+
+    @property
+    def runs(self) -> list[RunRef]:
+        return self.view.runs
+
+
+def _kind_stage_wanted(header: runfile.RunHeader, wants: WantsHook | None) -> bool:
+    if wants is None:
+        return False
+    for pair in header.kind_stages:
+        kind, _, stage = pair.partition(":")
+        if kind in NAME_OF.values() and wants(kind, stage):
+            return True
+    return False
+
+
+def recover(sd: StateDir, fs: FS, *, salvage: bool = False, wants: WantsHook | None = None,
+            on_payload: PayloadHook | None = None) -> Recovery:
+    """Resolve, refuse damage (or salvage it), tidy, and rebuild the state a run resumes from."""
+    view = resolve(sd)
+    if view.damage:
+        if not salvage:
+            view.refuse_if_damaged()
+        from asyncraft.storage.salvage import salvage as do_salvage
+
+        notes = do_salvage(sd, fs, view)
+        view = resolve(sd)
+        if view.damage:
+            raise StateDamaged(f"{sd.root}: --salvage could not repair everything: {view.damage[0]}", view.damage)
+    else:
+        notes = []
+    notes += tidy(sd, fs, view)
+    view = resolve(sd)  # after tidying (torn tail truncated, stale files gone)
+    view.refuse_if_damaged()
+    return _rebuild(sd, view, cache_writable=True, wants=wants, on_payload=on_payload, notes=notes)
+
+
+def open_read(sd: StateDir, *, wants: WantsHook | None = None, on_payload: PayloadHook | None = None) -> Recovery:
+    """The same view for a read-only command; damage is reported by the caller (``view.damage``)."""
+    view = resolve(sd)
+    return _rebuild(sd, view, cache_writable=not sd.is_locked(), wants=wants, on_payload=on_payload, notes=[])
+
+
+def tidy(sd: StateDir, fs: FS, view: StateView) -> list[str]:
+    """Undo what a crash left behind (never damage: that is refused or salvaged before)."""
+    notes: list[str] = []
+    for p in view.temp_files:
+        fs.unlink(p)
+        notes.append(f"removed leftover temp file {p}")
+    for ref in view.segments:
+        if ref.valid_bytes < ref.size:
+            fs.truncate(ref.path, ref.valid_bytes)
+            notes.append(f"truncated a torn write at {ref.path}:{ref.valid_bytes} ({ref.size - ref.valid_bytes} "
+                         "bytes never acknowledged)")
+    for p in view.stale_segments:
+        fs.unlink(p)
+    for p in view.orphan_runs:
+        fs.unlink(runfile.index_path_for(p))
+        fs.unlink(p)
+        notes.append(f"removed {p.name}, left by an interrupted compaction (its records are in the journal)")
+    if view.damaged_manifests:
+        fs.mkdir(sd.damaged)
+        for p in view.damaged_manifests:
+            fs.rename(p, sd.damaged / p.name)
+            notes.append(f"set the damaged manifest {p.name} aside in damaged/ (the runs are intact)")
+    if view.stale_segments or view.orphan_runs or view.damaged_manifests:
+        for d in (sd.journal, sd.runs, sd.snapshots):
+            fs.fsync_dir(d)
+    # The journal always continues in a segment that exists (the writer appends to it).
+    if not view.segments:
+        fs.create_empty(sd.journal / seg_name(view.next_seq))
+    # Trailing empty segments after an unsealed one (a rotation that stopped half-way): keep the first of them
+    # only if the segment before is sealed. The writer appends to the last segment, so nothing else is needed.
+    return notes
+
+
+def _rebuild(sd: StateDir, view: StateView, *, cache_writable: bool, wants: WantsHook | None,
+             on_payload: PayloadHook | None, notes: list[str]) -> Recovery:
+    t0 = time.perf_counter()
+    tasks = _task_states(sd, view, writable=cache_writable)
+    rec = Recovery(view, view.next_seq, tasks, notes=list(notes))
+    for ref in view.runs:
+        for name, value in ref.header.counters.items():
+            rec.counters[name] += value
+        rec.latest.update(ref.header.latest)
+    if on_payload is not None:
+        for latest in list(rec.latest.values()):
+            on_payload(latest)
+    # Payloads the job wants, from the frames that hold them.
+    if wants is not None and on_payload is not None:
+        for ref in view.runs:
+            if not _kind_stage_wanted(ref.header, wants):
+                continue
+            index = _read_index(ref)
+            stages = ref.header.stages
+            frames = sorted({f for _tid, kind, stage, f, _off in index.iter_entries()
+                             if kind != Kind.META and wants(NAME_OF[Kind(kind)], stages[stage])})
+            with RunReader(ref.path, index) as reader:
+                try:
+                    for r in reader.records(frames):
+                        k = kind_of(r)
+                        if k != Kind.META and wants(NAME_OF[k], r.get("stage") or ""):
+                            on_payload(r)
+                except RunDamage as exc:
+                    raise _damaged(sd, exc) from None
+    # The live journal, replayed onto the states (and the job) in seq order.
+    segments = []
+    for seg in view.segments:
+        data = seg.path.read_bytes()[: seg.valid_bytes]
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            got = records.decode(data[pos : nl + 1])
+            if got is None:  # the resolver checked every byte before valid_bytes: the file changed since
+                raise StateDamaged(f"{seg.path} changed while it was read (at byte {pos})")
+            if got["seq"] > view.covered:
+                _replay(rec, got, (seg.path, pos), wants, on_payload)
+            pos = nl + 1
+        segments.append((seg.first, max(seg.last_seq, seg.first - 1), seg.path))
+    rec.segments = segments
+    log.debug("rebuilt state through seq %d in %.2fs", view.next_seq - 1, time.perf_counter() - t0)
+    return rec
+
+
+def _replay(rec: Recovery, r: dict[str, Any], where: tuple[Path, int], wants: WantsHook | None,
+            on_payload: PayloadHook | None) -> None:
+    kind = kind_of(r)
+    if kind == Kind.META:
+        name = r.get("k")
+        if isinstance(name, str) and name not in runfile.UNCARRIED:
+            rec.latest[name] = {k: v for k, v in r.items() if k not in ("c", "b")}
+            if on_payload is not None:
+                on_payload(r)
+        return
+    rec.tasks.apply(r, where)
+    if kind != Kind.IERR:
+        usage = r.get("usage")
+        if isinstance(usage, dict):
+            rec.counters["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+            rec.counters["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+            rec.counters["calls"] += 1
+    if wants is not None and on_payload is not None and wants(NAME_OF[kind], r.get("stage") or ""):
+        on_payload(r)
+
+
+def _read_index(ref: RunRef) -> RunIndex:
+    try:
+        return runfile.read_index(runfile.index_path_for(ref.path))
+    except FileNotFoundError:
+        raise StateDamaged(f"{runfile.index_path_for(ref.path)}: run index is missing; resume with --salvage") from None
+    except RunDamage as exc:
+        raise StateDamaged(f"{exc}; resume with --salvage to rebuild it from the run") from None
+
+
+def _damaged(sd: StateDir, exc: RunDamage) -> StateDamaged:
+    return StateDamaged(f"{sd.root} is damaged: {exc.path} at byte {exc.offset}: {exc.problem}. Run `asyncraft "
+                        "verify` for every damaged position, or resume with --salvage to set the damage aside and "
+                        "redo the tasks whose records are lost.")
+
+
+def _task_states(sd: StateDir, view: StateView, *, writable: bool) -> TaskStates:
+    """The cache, brought up to the chain (writable), or the cache plus the runs it lacks in memory."""
+    names = [ref.header.name for ref in view.runs]
+    cache = TaskCache.open(sd.cache_path, readonly=not writable) if (writable or sd.cache_path.exists()) else None
+    if cache is not None:
+        held = cache.chain()
+        if held != names[: len(held)]:
+            if writable:
+                cache.reset()
+                held = []
+            else:
+                cache.close()
+                cache = None
+                held = []
+        if writable and cache is not None:
+            for i in range(len(held), len(names)):
+                cache.apply_run(i, _read_index(view.runs[i]))
+            return TaskStates(cache)
+    else:
+        held = []
+    # Read-only while a run writes (or no cache at all): the runs the cache lacks, in memory.
+    overlay: dict[bytes, Row] = {}
+    counts = dict(cache.counts()) if cache is not None else {"done": 0, "failed": 0, "ierr": 0}
+    for i in range(len(held), len(names)):
+        index = _read_index(view.runs[i])
+        for j, (tid, kind, _stage, frame, offset) in enumerate(index.iter_entries()):
+            if kind == Kind.META or not any(tid):
+                continue
+            old = overlay.get(tid)
+            if old is None and cache is not None:
+                old = cache.get(tid)
+            state0 = old.state if old is not None else NONE
+            if kind == Kind.ATTEMPT:
+                row = old or Row(NONE, 0, 0, i, 0, 0, 0)
+                overlay[tid] = Row(row.state, row.attempts + 1, index.header.first + j, row.run, row.frame,
+                                   row.offset, row.seq)
+                continue
+            state = merge_state(state0, kind)
+            if state == kind:
+                overlay[tid] = Row(state, old.attempts if old else 0, old.last_attempt if old else 0, i, frame,
+                                   offset, index.header.first + j)
+            if state != state0:
+                for s, d in ((state0, -1), (state, +1)):
+                    name = {DONE: "done", FAILED: "failed", IERR: "ierr"}.get(s)
+                    if name:
+                        counts[name] = counts.get(name, 0) + d
+    return TaskStates(cache, overlay, counts)
