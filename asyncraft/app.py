@@ -154,7 +154,7 @@ class Runner:
 
             recovered = await self._disk_retry(open_state)
             await self._disk_retry(check_state, self.sd, self.fs, job, s,
-                                   has_results=recovered.view.has_results)
+                                   has_results=bool(len(recovered.done) or len(recovered.failed)))
             # errors.jsonl is a view for people, rebuilt from the journal at every start.
             self._write_people_file(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in problems))
             for note in recovered.notes:

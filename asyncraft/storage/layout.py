@@ -92,7 +92,7 @@ class StateDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StateInUse(f"{self.root} is in use by another asyncraft process") from None
+            raise StateInUse(f"{self.root} is in use by another asyncraft run") from None
         with contextlib.suppress(OSError):  # the pid is for people; a full disk must not stop the lock
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())

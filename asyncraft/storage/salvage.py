@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -38,12 +39,11 @@ def salvage(sd: StateDir, fs: FS, view: StateView) -> list[str]:
     if any(f.path == str(sd.meta_path) for f in view.damage) and sd.meta_path.exists():
         fs.rename(sd.meta_path, sd.damaged / f"asyncraft.json.{stamp}")
         notes.append("set the damaged asyncraft.json aside; it is written again from this run's configuration")
-    chain_changed = _salvage_runs(sd, fs, view, notes, stamp)
+    chain = _salvage_runs(sd, fs, view, notes, stamp)
+    if chain:
+        write_manifest(fs, sd, chain, chain[-1]["last"])
     view = resolve(sd)
     _salvage_journal(sd, fs, view, notes, stamp)
-    if chain_changed:
-        view = resolve(sd)
-        _write_chain_manifest(sd, fs, view)
     _reset_input_progress(sd, fs)
     for d in (sd.journal, sd.runs, sd.snapshots, sd.damaged):
         fs.fsync_dir(d)
@@ -53,12 +53,13 @@ def salvage(sd: StateDir, fs: FS, view: StateView) -> list[str]:
 # -- runs -------------------------------------------------------------------------------------------------
 
 
-def _salvage_runs(sd: StateDir, fs: FS, view: StateView, notes: list[str], stamp: str) -> bool:
-    """Rebuild every damaged or missing run of the manifest's chain. True if the chain changed."""
+def _salvage_runs(sd: StateDir, fs: FS, view: StateView, notes: list[str], stamp: str) -> list[dict[str, Any]] | None:
+    """Rebuild every damaged or missing run of the manifest's chain; the repaired chain, or None if unchanged."""
     if view.manifest is None:
-        return False
+        return None
     bad_paths = {f.path for f in view.damage}
     changed = False
+    chain: list[dict[str, Any]] = []
     for item in view.manifest["runs"]:
         name, first, last = item["name"], item["first"], item["last"]
         path, index = sd.run_path(name), sd.index_path(name)
@@ -70,17 +71,19 @@ def _salvage_runs(sd: StateDir, fs: FS, view: StateView, notes: list[str], stamp
             except RunDamage:
                 damaged = True
         if not damaged:
+            chain.append(item)
             continue
         good, missing = _readable(path, index, first, last)
         lines = _with_placeholders(good, first, last, f"damaged or missing run {name}, set aside in damaged/")
         header = runfile.write_run(fs, sd.runs, lines, first)
+        chain.append(manifest_entry(header))
         for p in (path, index):
             if p.exists() and p.name != header.name and p != runfile.index_path_for(sd.runs / header.name):
                 fs.rename(p, sd.damaged / f"{p.name}.{stamp}")
         notes.append(f"salvaged run {name}: {last - first + 1 - missing} record(s) kept, {missing} lost (their "
                      f"tasks will be redone) -> {header.name}")
         changed = True
-    return changed
+    return chain if changed else None
 
 
 def _readable(path: Path, index: Path, first: int, last: int) -> tuple[dict[int, bytes], int]:
@@ -139,13 +142,6 @@ def _scan_frames(data: bytes) -> Iterator[bytes]:
 def _with_placeholders(good: dict[int, bytes], first: int, last: int, note: str) -> Iterator[bytes]:
     for seq in range(first, last + 1):
         yield good.get(seq) or lost(seq, note)
-
-
-def _write_chain_manifest(sd: StateDir, fs: FS, view: StateView) -> None:
-    if not view.runs:
-        return
-    chain = [manifest_entry(ref.header) for ref in view.runs]
-    write_manifest(fs, sd, chain, view.runs[-1].header.last)
 
 
 # -- the journal ------------------------------------------------------------------------------------------
