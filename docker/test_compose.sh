@@ -131,7 +131,7 @@ $COMPOSE version 2>/dev/null | sed 's/^/    /' || true
 compose build --build-arg BASE="$BASE" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "build"; }
 builds=$(grep -cE "COMMIT $IMAGE|naming to .*$IMAGE" "$WORK/build.log" || true)
 image_id=$($ENGINE image inspect --format '{{.Id}}' "$IMAGE")
-echo "images built: $builds ($IMAGE, ${image_id:0:12}), for the services: $(compose config --services | tr '\n' ' ')"
+echo "images built: $builds ($IMAGE, ${image_id:0:12}), for the services: $(compose config --services | paste -sd ' ')"
 [ "$builds" = 1 ] || fail "expected one image build for both services, saw $builds"
 
 step "up -d with the sim profile (metrics on 127.0.0.1:$MPORT, simulator on 127.0.0.1:$SIM_PORT)"
