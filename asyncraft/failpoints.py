@@ -24,10 +24,13 @@ NAMES = frozenset({
     "journal.after_fsync",
     "journal.write",
     "journal.fsync",
+    "journal.after_seal",
     "snapshot.mid_write",
     "snapshot.after_rename",
     "snapshot.before_release",
     "compact.mid_index",
+    "migrate.before_commit",
+    "migrate.after_commit",
 })
 ACTIONS = frozenset({"kill", "enospc", "eio", "hang"})
 HANG_SECONDS = 3600.0

@@ -89,6 +89,10 @@ def format_status(st: dict[str, Any]) -> str:
         f"input       {st.get('input_problems', 0)} problem line(s) (see errors.jsonl)",
         f"tokens      {st.get('prompt_tokens', 0)} prompt + {st.get('completion_tokens', 0)} completion",
     ]
+    if st.get("damaged"):
+        lines[0] += "  DAMAGED (the counts are of the records that can be read)"
+        lines += [f"damage      {d}" for d in st["damaged"]]
+        lines.append("            `asyncraft run --salvage` sets the damage aside and redoes exactly the lost tasks")
     cost = st.get("cost")
     if cost is not None:
         projected = st.get("cost_projected")

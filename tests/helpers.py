@@ -87,12 +87,15 @@ class SimProcess:
 
     def settled_stats(self, timeout: float = 30.0) -> dict[str, Any]:
         """Counters once no request is in flight: a killed client's last calls still finish (and are
-        billed) on the server after the client is gone."""
+        billed) on the server after the client is gone. Fails the test if they never do."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.stats()
-            if st["in_flight"] == 0 or time.monotonic() > deadline:
+            if st["in_flight"] == 0:
                 return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the simulator still has {st['in_flight']} request(s) in flight after "
+                                     f"{timeout:g}s")
             time.sleep(0.01)
 
     def reconfigure(self, **fields: Any) -> None:

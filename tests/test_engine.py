@@ -346,7 +346,7 @@ def test_sigterm_lets_calls_in_flight_finish_so_none_is_wasted(sim_factory: Any,
     st = sim.stats()
     assert st["in_flight"] == 0
     assert len(durable_ids(state)) == st["paid"], "a call answered during the grace period was not kept"
-    assert (state / "snapshots").glob("snap-*.json"), "no snapshot at shutdown"
+    assert list((state / "snapshots").glob("manifest-*.json")), "no snapshot at shutdown"
     res = run_job(inp, state, env)
     assert res.returncode == 0, res.stderr
     st = sim.stats()

@@ -84,17 +84,16 @@ def recover(sd: StateDir, fs: FS, *, salvage: bool = False, wants: WantsHook | N
             on_payload: PayloadHook | None = None) -> Recovery:
     """Resolve, refuse damage (or salvage it), tidy, and rebuild the state a run resumes from."""
     view = resolve(sd)
-    if view.damage:
-        if not salvage:
-            view.refuse_if_damaged()
+    notes: list[str] = []
+    if salvage:
+        # Asked for: check everything (run data and indexes too, which a start otherwise reads lazily).
         from asyncraft.storage.salvage import salvage as do_salvage
 
         notes = do_salvage(sd, fs, view)
         view = resolve(sd)
         if view.damage:
             raise StateDamaged(f"{sd.root}: --salvage could not repair everything: {view.damage[0]}", view.damage)
-    else:
-        notes = []
+    view.refuse_if_damaged()
     notes += tidy(sd, fs, view)
     view = resolve(sd)  # after tidying (torn tail truncated, stale files gone)
     view.refuse_if_damaged()
@@ -177,8 +176,9 @@ def _rebuild(sd: StateDir, view: StateView, *, cache_writable: bool, wants: Want
         while pos < len(data):
             nl = data.find(b"\n", pos)
             got = records.decode(data[pos : nl + 1])
-            if got is None:  # the resolver checked every byte before valid_bytes: the file changed since
-                raise StateDamaged(f"{seg.path} changed while it was read (at byte {pos})")
+            if got is None:  # damage the resolver reported (a run refuses it before it gets here)
+                pos = nl + 1
+                continue
             if got["seq"] > view.covered:
                 _replay(rec, got, (seg.path, pos), wants, on_payload)
             pos = nl + 1

@@ -44,7 +44,8 @@ def salvage(sd: StateDir, fs: FS, view: StateView) -> list[str]:
         write_manifest(fs, sd, chain, chain[-1]["last"])
     view = resolve(sd)
     _salvage_journal(sd, fs, view, notes, stamp)
-    _reset_input_progress(sd, fs)
+    if notes:
+        _reset_input_progress(sd, fs)
     for d in (sd.journal, sd.runs, sd.snapshots, sd.damaged):
         fs.fsync_dir(d)
     return notes
@@ -53,33 +54,39 @@ def salvage(sd: StateDir, fs: FS, view: StateView) -> list[str]:
 # -- runs -------------------------------------------------------------------------------------------------
 
 
+def _run_is_damaged(path: Path, index: Path, first: int, last: int) -> bool:
+    """The deep check --salvage makes of every run: index header and body, data size and checksum."""
+    try:
+        ix = runfile.read_index(index)
+    except (RunDamage, FileNotFoundError):
+        return True
+    return (ix.header.first, ix.header.last) != (first, last) or not path.exists() or not runfile.check_data_crc(
+        path, ix.header)
+
+
 def _salvage_runs(sd: StateDir, fs: FS, view: StateView, notes: list[str], stamp: str) -> list[dict[str, Any]] | None:
     """Rebuild every damaged or missing run of the manifest's chain; the repaired chain, or None if unchanged."""
     if view.manifest is None:
         return None
-    bad_paths = {f.path for f in view.damage}
     changed = False
     chain: list[dict[str, Any]] = []
     for item in view.manifest["runs"]:
         name, first, last = item["name"], item["first"], item["last"]
         path, index = sd.run_path(name), sd.index_path(name)
-        damaged = str(path) in bad_paths or str(index) in bad_paths or not path.exists() or not index.exists()
-        if not damaged:
-            try:
-                header = runfile.read_header(index)
-                damaged = not runfile.check_data_crc(path, header)
-            except RunDamage:
-                damaged = True
-        if not damaged:
+        if not _run_is_damaged(path, index, first, last):
             chain.append(item)
             continue
         good, missing = _readable(path, index, first, last)
+        # Keep the damaged bytes first: the rebuilt run may have the same name (when only its index was hurt).
+        for p in (path, index):
+            if p.exists():
+                fs.write_atomic(sd.damaged / f"{p.name}.{stamp}", p.read_bytes())
         lines = _with_placeholders(good, first, last, f"damaged or missing run {name}, set aside in damaged/")
         header = runfile.write_run(fs, sd.runs, lines, first)
         chain.append(manifest_entry(header))
-        for p in (path, index):
-            if p.exists() and p.name != header.name and p != runfile.index_path_for(sd.runs / header.name):
-                fs.rename(p, sd.damaged / f"{p.name}.{stamp}")
+        if header.name != name:
+            fs.unlink(path)
+            fs.unlink(index)
         notes.append(f"salvaged run {name}: {last - first + 1 - missing} record(s) kept, {missing} lost (their "
                      f"tasks will be redone) -> {header.name}")
         changed = True
