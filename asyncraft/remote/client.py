@@ -31,6 +31,7 @@ from obstore import exceptions as obx
 
 from asyncraft.remote.errors import (
     AlreadyExists,
+    ObjectMissing,
     PreconditionFailed,
     RemoteConfigError,
     RemoteError,
@@ -163,6 +164,7 @@ class Remote:
 
     def _error(self, op: str, key: str, exc: BaseException) -> RemoteError:
         if isinstance(exc, RemoteError):
+            exc.args = (scrub(f"object store {op} {self.where(key)}: {exc}", self._secrets),)
             return exc
         text = str(exc)
         where = self.where(key)
@@ -246,7 +248,12 @@ class _CloudBackend:
         return Blob(data, Version(resp.meta["e_tag"], resp.meta["version"]))
 
     async def download(self, key: str, dest: Path) -> int:
-        resp = await obstore.get_async(self._store, key)
+        try:
+            resp = await obstore.get_async(self._store, key)
+        except obx.NotFoundError as exc:
+            if "NoSuchBucket" in str(exc) or "ContainerNotFound" in str(exc):
+                raise
+            raise ObjectMissing(f"{key} is not in the store") from None
         size = 0
         fh = await asyncio.to_thread(open, dest, "wb")
         try:
@@ -319,7 +326,11 @@ class _FileBackend:
         return await asyncio.to_thread(self._download, key, dest)
 
     def _download(self, key: str, dest: Path) -> int:
-        with open(self._path(key), "rb") as src, open(dest, "wb") as out:
+        try:
+            src_fh = open(self._path(key), "rb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
+            raise ObjectMissing(f"{key} is not in the store") from None
+        with src_fh as src, open(dest, "wb") as out:
             size = 0
             while block := src.read(8 << 20):
                 out.write(block)

@@ -26,6 +26,10 @@ class RemoteStateError(RemoteError, JournalError):
     """The bucket's objects contradict each other (a chunk missing inside the adopted history, bad JSON)."""
 
 
+class ObjectMissing(RemoteStateError):
+    """An object the head or the chain names is not there (deleted by a newer head, or damage)."""
+
+
 class LeaseHeld(RemoteError, JournalError):
     """Another process owns the state URL and its lease has not expired."""
 
