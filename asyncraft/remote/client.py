@@ -69,7 +69,7 @@ class Entry:
     size: int
 
 
-class _Backend(Protocol):
+class Backend(Protocol):
     async def get(self, key: str) -> Blob | None: ...
     async def download(self, key: str, dest: Path) -> int: ...
     async def create(self, key: str, data: bytes | Path) -> Version: ...
@@ -117,7 +117,7 @@ class Remote:
 
     __slots__ = ("url", "_backend", "_secrets")
 
-    def __init__(self, url: str, backend: _Backend, secrets: frozenset[str]) -> None:
+    def __init__(self, url: str, backend: Backend, secrets: frozenset[str]) -> None:
         self.url = url  # credential-free by construction (checked in open)
         self._backend = backend
         self._secrets = secrets
@@ -158,6 +158,11 @@ class Remote:
         except Exception as exc:  # noqa: BLE001 - any construction failure is a configuration problem
             raise RemoteConfigError(f"state URL {shown!r}: {scrub(_summary(str(exc)), secrets)}") from None
         return cls(url.rstrip("/"), _CloudBackend(store), secrets)
+
+    @property
+    def backend(self) -> Backend:
+        """The store behind this URL: the seam tests wrap to gate or fail operations."""
+        return self._backend
 
     def where(self, key: str = "") -> str:
         return f"{self.url}/{key}" if key else self.url

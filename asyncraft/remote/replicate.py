@@ -298,9 +298,9 @@ class Replicator:
             await self._ship_manifest(self._manifest)
         if self._meta is not None:
             await self._ship_meta(self._meta)
+        await self._ship_journal()
         if self._cleanup_due:
             await self._cleanup()
-        await self._ship_journal()
         if self._waiters and self._waiters[0][0] <= self.durable_seq:
             if self.durability == "sync":
                 await self._lease.check()  # acknowledged means: in the store while we still owned it
@@ -429,6 +429,8 @@ class Replicator:
                     pass  # our own earlier attempt: the key fixes the bytes
                 self._fp.hit("remote.after_chunk")
                 self._ends[name] = point.end
+                if offset == 0 and self._lease.head.manifest is not None:
+                    self._cleanup_due = True  # a segment the manifest covers may have been waiting for a later one
                 del points[: k + 1]
                 self.durable_seq = max(self.durable_seq, point.last)
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -196,11 +196,16 @@ def _concat(parts: list[Path], out: Path) -> None:
 
 def _fsync_tree(root: Path) -> None:
     for d in (root, *(root / n for n in REPLICATED_DIRS)):
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if d.exists():
+            _fsync_dir(d)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +251,7 @@ def _write_record(root: Path, url: str, generation: int) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_tree(root)
+    _fsync_dir(root)
 
 
 def _continues(local: _Local, record: dict[str, object] | None, url: str, head: Head, view: View,
@@ -302,14 +307,14 @@ async def _renewing(lease: Lease, work: Awaitable[T]) -> T:
 async def attach(remote: Remote, state_dir: Path, *, manifest_files: ManifestFiles, durability: Durability = "async",
                  interval: float = 1.0, ttl: float = 30.0, holder: str | None = None,
                  failpoints: FailpointHook | None = None, backoff_base: float = 0.5,
-                 backoff_max: float = 30.0) -> Attached:
+                 backoff_max: float = 30.0, wall: Callable[[], float] = time.time) -> Attached:
     """Take the lease on ``remote`` for ``state_dir`` and bring the dir up to the store.
 
     Afterwards the caller recovers the dir as usual, tells the replicator about what it holds (``on_commit``
     for each journal segment with its length and last seq, ``on_manifest`` for the newest manifest,
     ``on_meta``; what the store already has is not sent again), and runs ``replicator.run()``.
     """
-    lease = Lease(remote, holder=holder or default_holder(), ttl=ttl)
+    lease = Lease(remote, holder=holder or default_holder(), ttl=ttl, clock=wall)
     await lease.acquire()
     try:
         if failpoints is not None:
@@ -330,7 +335,7 @@ async def attach(remote: Remote, state_dir: Path, *, manifest_files: ManifestFil
             action = "continued"
         else:
             if not local.empty:
-                set_aside = _set_aside(state_dir, time.time())
+                set_aside = _set_aside(state_dir, wall())
             await _renewing(lease, _download(remote, lease.head, view, state_dir, failpoints))
             action = "restored"
         _write_record(state_dir, remote.url, mine)
@@ -340,5 +345,5 @@ async def attach(remote: Remote, state_dir: Path, *, manifest_files: ManifestFil
         raise
     replicator = Replicator(remote, lease, state_dir, start, view, manifest_files=manifest_files,
                             durability=durability, interval=interval, failpoints=failpoints,
-                            backoff_base=backoff_base, backoff_max=backoff_max)
+                            backoff_base=backoff_base, backoff_max=backoff_max, wall=wall)
     return Attached(replicator, mine, action, set_aside)
