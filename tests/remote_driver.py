@@ -76,6 +76,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _append(path: Path, data: bytes) -> int:
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return fh.tell()
+
+
 class Writer:
     def __init__(self, root: Path, rep: Replicator, args: argparse.Namespace) -> None:
         self.root = root
@@ -119,11 +127,8 @@ class Writer:
         while self.last < args.records:
             n = min(args.commit, args.records - self.last)
             seg = self.root / "journal" / seg_name(self.seg_first)
-            with open(seg, "ab") as fh:
-                fh.write(b"".join(record(s, args.tag) for s in range(self.last + 1, self.last + n + 1)))
-                fh.flush()
-                os.fsync(fh.fileno())
-                size = fh.tell()
+            data = b"".join(record(s, args.tag) for s in range(self.last + 1, self.last + n + 1))
+            size = await asyncio.to_thread(_append, seg, data)
             self.last += n
             since_snapshot += n
             self.rep.on_commit(seg, size, self.last)

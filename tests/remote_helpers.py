@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +108,59 @@ def run_driver(url: str, state: Path, env: dict[str, str], *args: str, timeout: 
 
 def acks(out: str) -> list[int]:
     return [int(line.split()[1]) for line in out.splitlines() if line.startswith("ACK ")]
+
+
+class Driver:
+    """A running stand-in writer whose output lines are collected by a thread, so a test can wait for one."""
+
+    def __init__(self, url: str, state: Path, env: dict[str, str], *args: str) -> None:
+        self.proc = start_driver(url, state, env, *args)
+        self.lines: list[str] = []
+        self.err = ""
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[list[str]], bool], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred(self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or (not self._reader.is_alive() and not pred(self.lines)):
+                    raise AssertionError(f"driver never got there; output: {self.lines[-5:]} {self.stderr()}")
+                self._cond.wait(min(left, 0.5))
+
+    def acks(self) -> list[int]:
+        with self._cond:
+            return acks("\n".join(self.lines))
+
+    def finish(self, timeout: float = 120.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.err = self.proc.stderr.read()
+            self.proc.stderr.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return rc
+
+    def stderr(self) -> str:
+        return self.err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.finish()
+
+
+def acked_past(n: int) -> Callable[[list[str]], bool]:
+    return lambda lines: any(line.startswith("ACK ") and int(line.split()[1]) >= n for line in lines)

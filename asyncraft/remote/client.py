@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore
 
 SCHEMES = ("s3", "gs", "az", "file")
+# What a store operation raises for a fault of the world outside (anything else is a bug and propagates):
+# obstore's own errors, the builtin FileNotFoundError/ValueError it uses, and OSError from file://.
+_STORE_ERRORS = (obx.BaseError, OSError, ValueError, RemoteError)
 # Names of environment variables whose values are secrets of some store (or look like one).
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|_KEY$|_KEY_|SAS|CREDENTIAL|CONNECTION_STRING", re.I)
 _QUERY = re.compile(r"(\w+://[^\s?#]*)\?[^\s\"'<>]*")
@@ -183,13 +186,13 @@ class Remote:
         if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError, obx.InvalidPathError,
                             obx.UnknownConfigurationKeyError, obx.NotSupportedError)):
             return RemoteConfigError(msg)
-        if isinstance(exc, obx.GenericError | obx.NotFoundError):
+        if isinstance(exc, obx.GenericError | FileNotFoundError):
             status = _status(text)
             if status == 412:
                 return PreconditionFailed(msg)
             if status in (400, 401, 403, 404, 405):
                 return RemoteConfigError(msg)
-        if isinstance(exc, PermissionError):
+        if isinstance(exc, PermissionError | ValueError):
             return RemoteConfigError(msg)
         return RemoteUnavailable(msg)
 
@@ -197,42 +200,42 @@ class Remote:
         """The object and its version, or None if there is none."""
         try:
             return await self._backend.get(key)
-        except Exception as exc:  # noqa: BLE001 - translated at this boundary
+        except _STORE_ERRORS as exc:
             raise self._error("GET", key, exc) from None
 
     async def download(self, key: str, dest: Path) -> int:
         """Stream the object into ``dest`` (synced, not yet renamed by us); returns its size."""
         try:
             return await self._backend.download(key, dest)
-        except Exception as exc:  # noqa: BLE001
+        except _STORE_ERRORS as exc:
             raise self._error("GET", key, exc) from None
 
     async def create(self, key: str, data: bytes | Path) -> Version:
         """Create-only write; ``AlreadyExists`` if the key is taken (If-None-Match: *)."""
         try:
             return await self._backend.create(key, data)
-        except Exception as exc:  # noqa: BLE001
+        except _STORE_ERRORS as exc:
             raise self._error("PUT", key, exc) from None
 
     async def update(self, key: str, data: bytes, expected: Version) -> Version:
         """Replace the object only if it is still ``expected`` (If-Match); ``PreconditionFailed`` if not."""
         try:
             return await self._backend.update(key, data, expected)
-        except Exception as exc:  # noqa: BLE001
+        except _STORE_ERRORS as exc:
             raise self._error("PUT", key, exc) from None
 
     async def list(self, prefix: str = "") -> list[Entry]:
         """Every object under ``prefix`` (a whole path: ``g/`` lists ``g/1/x`` but not ``gx``)."""
         try:
             return await self._backend.list(prefix)
-        except Exception as exc:  # noqa: BLE001
+        except _STORE_ERRORS as exc:
             raise self._error("LIST", prefix, exc) from None
 
     async def delete(self, key: str) -> None:
         """Delete; a missing object is not an error (a clean-up may be repeated)."""
         try:
             await self._backend.delete(key)
-        except Exception as exc:  # noqa: BLE001
+        except _STORE_ERRORS as exc:
             raise self._error("DELETE", key, exc) from None
 
 
@@ -245,7 +248,7 @@ class _CloudBackend:
     async def get(self, key: str) -> Blob | None:
         try:
             resp = await obstore.get_async(self._store, key)
-        except obx.NotFoundError as exc:
+        except FileNotFoundError as exc:
             if "NoSuchBucket" in str(exc) or "ContainerNotFound" in str(exc):
                 raise
             return None
@@ -255,7 +258,7 @@ class _CloudBackend:
     async def download(self, key: str, dest: Path) -> int:
         try:
             resp = await obstore.get_async(self._store, key)
-        except obx.NotFoundError as exc:
+        except FileNotFoundError as exc:
             if "NoSuchBucket" in str(exc) or "ContainerNotFound" in str(exc):
                 raise
             raise ObjectMissing(f"{key} is not in the store") from None
@@ -275,7 +278,11 @@ class _CloudBackend:
         return Version(res["e_tag"], res["version"])
 
     async def update(self, key: str, data: bytes, expected: Version) -> Version:
-        mode: PutMode = {"e_tag": expected.e_tag, "version": expected.version}
+        mode: PutMode = {}
+        if expected.e_tag is not None:
+            mode["e_tag"] = expected.e_tag
+        if expected.version is not None:
+            mode["version"] = expected.version
         res = await obstore.put_async(self._store, key, data, mode=mode, use_multipart=False)
         return Version(res["e_tag"], res["version"])
 
@@ -286,7 +293,7 @@ class _CloudBackend:
         return out
 
     async def delete(self, key: str) -> None:
-        with contextlib.suppress(obx.NotFoundError):
+        with contextlib.suppress(FileNotFoundError):
             await obstore.delete_async(self._store, key)
 
 
