@@ -147,7 +147,11 @@ async def test_replicate_then_restore_anywhere(store_url: str, tmp_path: Path) -
 async def test_restore_continues_on_another_machine_and_superseded_objects_go(store_url: str, tmp_path: Path) -> None:
     remote = Remote.open(store_url)
     await replicate(remote, tmp_path / "m1", records=130)
-    await replicate(remote, tmp_path / "m2", records=330, tag="a")  # empty dir: restores, then goes on
+    await replicate(remote, tmp_path / "m2", records=135)  # empty dir: restores, then goes on
+    # The head still names the first generation's manifest and runs: the new owner's clean-up kept them.
+    await restore(remote, tmp_path / "between")
+    assert read_state(tmp_path / "between") == {n: f"a-{n}" for n in range(1, 136)}
+    await replicate(remote, tmp_path / "m2", records=330)
     dest = tmp_path / "check"
     await restore(remote, dest)
     assert read_state(dest) == {n: "a-" + str(n) for n in range(1, 331)}
@@ -158,8 +162,8 @@ async def test_restore_continues_on_another_machine_and_superseded_objects_go(st
     assert head.manifest is not None and head.manifest.seq == 320
     # Nothing of the first generation is left (its manifest and runs are superseded, its chunks covered),
     # and no journal chunk of a segment the manifest covers survives once a later segment exists.
-    assert list(gens) == [2]
-    assert all(c.first > 280 for c in gens[2].chunks)
+    assert list(gens) == [3]
+    assert all(c.first > 280 for c in gens[3].chunks)
 
 
 async def test_sync_acknowledges_only_what_the_store_holds(store_url: str, tmp_path: Path) -> None:
