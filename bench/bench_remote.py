@@ -131,7 +131,7 @@ async def raw_fetch(url: str) -> tuple[float, int]:
     from obstore.store import from_url
 
     store = from_url(url, client_options={"allow_http": True})
-    keys = [m["path"] for batch in obstore.list(store, None) for m in batch]
+    keys = [e.key for e in await Remote.open(url).list()]
     limit = asyncio.Semaphore(8)
     total = 0
 
@@ -139,7 +139,8 @@ async def raw_fetch(url: str) -> tuple[float, int]:
         nonlocal total
         async with limit:
             resp = await obstore.get_async(store, key)
-            total += len(await resp.bytes_async())
+            data = await resp.bytes_async()
+            total += len(data)
 
     t0 = time.perf_counter()
     async with asyncio.TaskGroup() as tg:

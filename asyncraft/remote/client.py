@@ -39,7 +39,7 @@ from asyncraft.remote.errors import (
 )
 
 if TYPE_CHECKING:
-    from obstore import PutMode
+    from obstore import PutMode, UpdateVersion
     from obstore.store import ClientConfig, ObjectStore
 
 SCHEMES = ("s3", "gs", "az", "file")
@@ -278,11 +278,12 @@ class _CloudBackend:
         return Version(res["e_tag"], res["version"])
 
     async def update(self, key: str, data: bytes, expected: Version) -> Version:
-        mode: PutMode = {}
+        version: UpdateVersion = {}
         if expected.e_tag is not None:
-            mode["e_tag"] = expected.e_tag
+            version["e_tag"] = expected.e_tag
         if expected.version is not None:
-            mode["version"] = expected.version
+            version["version"] = expected.version  # GCS matches its generation number, not the ETag
+        mode: PutMode = version
         res = await obstore.put_async(self._store, key, data, mode=mode, use_multipart=False)
         return Version(res["e_tag"], res["version"])
 
