@@ -250,14 +250,15 @@ async def test_a_takeover_while_the_old_owner_uploads_adopts_only_what_was_there
                                                                               tmp_path: Path) -> None:
     now = [0.0]
     remote = Remote.open(store_url)
+    # A lease far longer than the test: the old owner must not find out by renewing before it uploads.
     first = await attach(remote, tmp_path / "a", manifest_files=manifest_files, durability="async",
-                         interval=0.01, ttl=10.0, holder="a", wall=lambda: now[0])
+                         interval=0.01, ttl=1000.0, holder="a", wall=lambda: now[0])
     wa = Writer(tmp_path / "a", first.replicator, writer_args(records=10, tag="a", durability="async"))
     wa.recover_and_announce()
     task = asyncio.create_task(first.replicator.run())
     await wa.write()
     await first.replicator.durable(10)
-    now[0] += 11.0
+    now[0] += 1001.0
     second = await attach(remote, tmp_path / "b", manifest_files=manifest_files, ttl=10.0, holder="b",
                           wall=lambda: now[0])
     # The old owner, not yet due to renew, ships records 11..20 (async mode does not check the lease per
