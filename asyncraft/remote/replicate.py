@@ -25,7 +25,6 @@ from typing import Literal, Protocol
 from asyncraft.remote.client import Remote
 from asyncraft.remote.errors import AlreadyExists, LeaseLost, RemoteError, RemoteStateError, RemoteUnavailable
 from asyncraft.remote.layout import (
-    META_NAME,
     Head,
     ManifestRef,
     Start,
@@ -448,5 +447,5 @@ def _read_range(path: Path, start: int, end: int) -> bytes:
     return data
 
 
-__all__ = ["FAILPOINTS", "META_NAME", "Durability", "FailpointHook", "ManifestFiles", "ReplicationStatus",
+__all__ = ["FAILPOINTS", "Durability", "FailpointHook", "ManifestFiles", "ReplicationStatus",
            "Replicator"]

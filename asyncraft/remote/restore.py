@@ -148,7 +148,8 @@ async def _download(remote: Remote, head: Head, view: View, dest: Path,
         chunks = view.segments[name]
         target = dest / "journal" / name
         tmp = target.with_name(target.name + ".tmp")
-        parts = [tmp.with_name(f"{tmp.name}.{i}") for i in range(len(chunks))]
+        # Named *.tmp, so a restore cut short leaves only what recovery already sweeps as leftovers.
+        parts = [target.with_name(f"{target.name}.{i}.tmp") for i in range(len(chunks))]
         try:
             async with asyncio.TaskGroup() as tg:
                 for c, part in zip(chunks, parts, strict=True):
