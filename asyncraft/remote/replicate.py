@@ -240,7 +240,7 @@ class Replicator:
                 self._unreachable(exc)
                 if self._stopping.is_set() and attempt > 3:
                     return  # the store is down at exit: the next run ships the rest from the local dir
-                await self._pause(backoff(attempt, base=self._backoff[0], cap=self._backoff[1]))
+                await asyncio.sleep(backoff(attempt, base=self._backoff[0], cap=self._backoff[1]))
                 self._wake.set()
                 continue
             attempt = 0
@@ -249,17 +249,12 @@ class Replicator:
                 self._state = "stopped"
                 return
 
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await asyncio.Event().wait()
-
     async def _keep_lease(self) -> None:
         attempt = 0
         while True:
             delay = self._lease.ttl / 3 if attempt == 0 else min(
                 self._lease.ttl / 6, backoff(attempt, base=self._backoff[0], cap=self._backoff[1]))
-            await self._pause(delay)
+            await asyncio.sleep(delay)
             try:
                 await self._lease.write()
                 attempt = 0
