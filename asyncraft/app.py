@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiofiles
 import orjson
 
 from asyncraft import __version__, storage
@@ -179,19 +180,18 @@ class Runner:
                 await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 10.0)
 
-    def _write_people_file(self, path: Path, data: bytes, *, append: bool = False) -> None:
+    def _write_people_file(self, path: Path, data: bytes) -> None:
         """errors.jsonl and status.json are views for people, rebuilt from the journal: a full disk or an I/O
         error there is logged once and never stops the run (the journal's own writes decide that)."""
         try:
-            if append:
-                with open(path, "ab") as fh:
-                    fh.write(data)
-            else:
-                self.fs.write_atomic(path, data, durable=False)
-        except (OSError, DiskFull, StorageIOError) as exc:
-            if not self._people_file_failed:
-                self._people_file_failed = True
-                log.warning("cannot write %s (%s); it is rebuilt at the next start", path.name, exc)
+            self.fs.write_atomic(path, data, durable=False)
+        except (DiskFull, StorageIOError) as exc:
+            self._people_file_error(path, exc)
+
+    def _people_file_error(self, path: Path, exc: Exception) -> None:
+        if not self._people_file_failed:
+            self._people_file_failed = True
+            log.warning("cannot write %s (%s); it is rebuilt at the next start", path.name, exc)
 
     async def _run(self, job: Job, recovered: Recovery) -> int:
         s = self.settings
@@ -297,8 +297,11 @@ class Runner:
         return EXIT_OK
 
     async def _append_error(self, rec: dict[str, Any]) -> None:
-        await asyncio.to_thread(self._write_people_file, self.sd.errors_path,
-                                orjson.dumps(_problem_line(rec)) + b"\n", append=True)
+        try:
+            async with aiofiles.open(self.sd.errors_path, "ab") as fh:
+                await fh.write(orjson.dumps(_problem_line(rec)) + b"\n")
+        except OSError as exc:
+            self._people_file_error(self.sd.errors_path, exc)
 
     def _journal_failed(self, exc: BaseException) -> None:
         if self.scheduler is not None:
