@@ -52,6 +52,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_IOERR = 74
 EXIT_TEMPFAIL = 75  # stopped before the end; run the same command again to continue
+INPUT_POSITION_INTERVAL = 2.0  # seconds between records of how far the input is handled
 
 
 def make_job(settings: Settings) -> Job:
@@ -162,6 +163,19 @@ class Runner:
                 log.warning("recovery: %s", note)
             log.info("recovered %d done, %d failed up to seq %d in %.2fs", len(recovered.done),
                      len(recovered.failed), recovered.next_seq - 1, time.perf_counter() - t0)
+            resume = getattr(job, "resume_from", None)
+            if resume is not None:
+                states = recovered.tasks
+
+                def settled(key: int | None, problem: bool) -> bool:
+                    if key is None:
+                        return True
+                    if problem:
+                        return key in states.input_errors
+                    return key in states.done or (not s.retry_failed and key in states.failed)
+
+                # With --retry-failed the failed tasks before the recorded position must be read again too.
+                resume(recovered.latest.get("inpos"), settled, trust_position=not s.retry_failed)
             return await self._run(job, recovered)
         finally:
             os.close(lock_fd)
@@ -237,17 +251,21 @@ class Runner:
                             on_snapshot=self._write_status)
         reporting = asyncio.create_task(reporter.run(), name="progress")
         started = time.time()
+        tracking = asyncio.create_task(self._track_input(job, journal), name="input-position")
         try:
             async with pool:
                 await sched.run()
+            tracking.cancel()
+            await self._record_input_position(job, journal)
         except* JournalError:
             # The writer failed (or a record could not be handed to it): the workers and the feeder saw the same
             # error. The journal's error decides the exit status below.
             if journal.error is None:
                 raise
         finally:
+            tracking.cancel()
             reporting.cancel()
-            await asyncio.wait([reporting])
+            await asyncio.wait([reporting, tracking])
             if not reporting.cancelled() and reporting.exception() is not None:
                 log.error("progress display failed: %r", reporting.exception())
             reporter.close()
@@ -295,6 +313,21 @@ class Runner:
         log.info("export with: python -m asyncraft export --state-dir %s --format %s --out results.jsonl",
                  self.settings.state_dir, self.settings.job)
         return EXIT_OK
+
+    async def _track_input(self, job: Job, journal: Journal) -> None:
+        """Record every few seconds how far the input is fully handled, so a resume can start reading there."""
+        while True:
+            await asyncio.sleep(INPUT_POSITION_INTERVAL)
+            await self._record_input_position(job, journal)
+
+    async def _record_input_position(self, job: Job, journal: Journal) -> None:
+        tracker = getattr(job, "tracker", None)
+        if tracker is None or journal.error is not None or journal.closed:
+            return
+        before = tracker.position
+        pos = tracker.advance()
+        if pos != before:
+            await journal.append(job.position_record(pos))  # type: ignore[attr-defined]
 
     async def _append_error(self, rec: dict[str, Any]) -> None:
         try:

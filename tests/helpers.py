@@ -17,6 +17,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wait_until(cond: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it is true (returning its value); fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.01)
+
+
 def journal_records(state: Path) -> Iterator[dict[str, Any]]:
     """Every record of a state dir in seq order, as the resolver sees it (read-only)."""
     from asyncraft.storage import readers

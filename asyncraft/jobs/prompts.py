@@ -4,11 +4,20 @@ Input lines are either OpenAI Batch API lines (``custom_id``, ``method``, ``url`
 bare chat bodies (``messages`` plus parameters, optional ``custom_id``). A task's id is the hash
 of the exact request body, so identical requests are made once, and editing other lines of the
 file costs nothing on the next run.
+
+A resume does not read the part of the input that is fully handled again: the run records how far every line
+has its outcome on disk (an ``inpos`` journal record: byte offset, line number, CRC-32 of the bytes before the
+offset, and the file's identity), and the next run starts reading there. If the file changed (it grew, or was
+edited), the CRC of that prefix is checked first; an edited prefix is read again from the start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +25,54 @@ import orjson
 
 from asyncraft.jobs.base import InputProblem, Outcome, Task
 from asyncraft.provider import Completion
-from asyncraft.records import content_id
+from asyncraft.records import content_id, id_key
+
+log = logging.getLogger("asyncraft")
 
 STAGE = "prompts"
 _DROP = ("stream", "stream_options")  # the engine reads whole responses
 MAX_LINE_EXCERPT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class InputPosition:
+    """The start of the input's unhandled part: a line boundary, the lines before it, the CRC of the bytes."""
+
+    offset: int
+    line: int
+    crc: int
+
+
+class InputTracker:
+    """Follows how far the input is fully handled: every line before ``position`` has its outcome on disk.
+
+    The reader adds each line it reads (on the feeder's thread); ``advance`` (on the event loop) moves past
+    the lines whose task is settled in the state dir. A line whose task is not settled (still running, given
+    up for this run, or not started before a stop) holds the position back. At most ``cap`` lines are
+    followed ahead of it: past that the position cannot move anyway until the oldest line settles."""
+
+    def __init__(self, start: InputPosition, settled: Callable[[int | None, bool], bool], cap: int = 200_000) -> None:
+        self.position = start
+        self._settled = settled
+        self._lines: deque[tuple[int, int, int, int | None, bool]] = deque()  # line, end, crc, key, is problem
+        self._cap = cap
+        self.feeding = True
+
+    def add(self, line: int, end: int, crc: int, key: int | None, problem: bool) -> None:
+        if self.feeding and len(self._lines) < self._cap:
+            self._lines.append((line, end, crc, key, problem))
+        else:
+            self.feeding = False  # the position stops where the followed lines end
+
+    def advance(self) -> InputPosition:
+        lines = self._lines
+        while lines:
+            line, end, crc, key, problem = lines[0]
+            if not self._settled(key, problem):
+                break
+            lines.popleft()
+            self.position = InputPosition(end, line, crc)
+        return self.position
 
 
 class PromptsJob:
@@ -30,16 +82,92 @@ class PromptsJob:
         self.input_path = Path(input_path)
         self.model = model
         self.extra_body = dict(extra_body)
+        self._start: InputPosition | None = None
+        self.tracker: InputTracker | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         return {"job": self.name, "model": self.model, "extra_body": self.extra_body}
 
     def roots(self) -> Iterator[Task | InputProblem]:
+        """Every line in order, from where the last run left off on the first call (see ``resume_from``)."""
+        start, self._start = self._start, None
+        offset, lineno, crc = (start.offset, start.line, start.crc) if start else (0, 0, 0)
+        tracker = self.tracker
         with open(self.input_path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
+            if offset:
+                fh.seek(offset)
+            for raw in fh:
+                lineno += 1
+                offset += len(raw)
+                if tracker is not None and tracker.feeding:
+                    crc = zlib.crc32(raw, crc)
                 if not raw.strip():
+                    if tracker is not None:
+                        tracker.add(lineno, offset, crc, None, False)
                     continue
-                yield self.parse_line(lineno, raw)
+                item = self.parse_line(lineno, raw)
+                if tracker is not None:
+                    if isinstance(item, InputProblem):
+                        tracker.add(lineno, offset, crc, id_key(problem_id(item.key)), True)
+                    else:
+                        tracker.add(lineno, offset, crc, id_key(item.id), False)
+                yield item
+        if tracker is not None:
+            tracker.feeding = False  # later passes (--watch) read from the start; the position stays put
+
+    # -- resuming past the handled part of the input ---------------------------------------------------
+
+    def position_record(self, pos: InputPosition) -> dict[str, Any]:
+        """The journal record of an input position, with what identifies the file and the configuration."""
+        st = self.input_path.stat()
+        return {"k": "inpos", "offset": pos.offset, "line": pos.line, "crc": pos.crc, "fp": self._fp(),
+                "ino": st.st_ino, "dev": st.st_dev, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def resume_from(self, rec: dict[str, Any] | None, settled: Callable[[int | None, bool], bool], *,
+                    trust_position: bool = True) -> None:
+        """Start the first pass at the recorded position if it still describes this input, and follow progress."""
+        start = InputPosition(0, 0, 0)
+        why = self._check_position(rec) if rec and trust_position else None
+        if rec and trust_position and why is None:
+            start = InputPosition(int(rec["offset"]), int(rec["line"]), int(rec["crc"]))
+            self._start = start
+            log.info("input: lines 1..%d are handled; reading from line %d (byte %d)", start.line, start.line + 1,
+                     start.offset)
+        elif why:
+            log.info("input: reading from the start (%s)", why)
+        self.tracker = InputTracker(start, settled)
+
+    def _fp(self) -> str:
+        return content_id(self.fingerprint())[:16]
+
+    def _check_position(self, rec: dict[str, Any]) -> str | None:
+        """Why the recorded position cannot be used (None when it can)."""
+        offset = int(rec.get("offset") or 0)
+        if offset <= 0:
+            return None if rec.get("reset") is None else f"reset by {rec['reset']}"
+        if rec.get("fp") != self._fp():
+            return "the configuration changed"
+        try:
+            st = self.input_path.stat()
+        except OSError as exc:
+            return str(exc)
+        if st.st_size < offset:
+            return "the input is shorter than the part already handled"
+        if (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns) == (rec.get("ino"), rec.get("dev"), rec.get("size"),
+                                                                   rec.get("mtime_ns")):
+            return None  # the very file the position was taken on
+        crc = 0
+        left = offset
+        with open(self.input_path, "rb") as fh:
+            while left:
+                chunk = fh.read(min(left, 8 << 20))
+                if not chunk:
+                    break
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+        if left or crc != rec.get("crc"):
+            return f"the part already handled (lines 1..{int(rec.get('line') or 0)}) changed"
+        return None
 
     def parse_line(self, lineno: int, raw: bytes) -> Task | InputProblem:
         key = f"line:{lineno}"
@@ -78,6 +206,11 @@ class PromptsJob:
     def handle(self, task: Task, completion: Completion) -> Outcome:
         return Outcome(result={"message": completion.message, "finish_reason": completion.finish_reason,
                                "model": completion.model})
+
+
+def problem_id(key: str) -> str:
+    """The id of an input problem's record (the scheduler journals it under this id)."""
+    return content_id("ierr", key)
 
 
 def _check(obj: Any) -> str | None:
