@@ -29,6 +29,7 @@ from asyncraft.storage.runfile import ZERO_ID, RunIndex
 
 NONE, DONE, FAILED, IERR = 0, int(Kind.DONE), int(Kind.FAIL), int(Kind.IERR)
 _LOOKUP_CHUNK = 500
+MEMO_ROWS = 65_536
 SCHEMA_VERSION = 1
 
 
@@ -230,6 +231,10 @@ class TaskStates:
         self.cache = cache
         self._overlay = overlay or {}  # runs the cache could not hold (read-only use while a run is writing)
         self.tail: dict[int, TailEntry] = {}
+        # Rows read from the cache lately: a task is looked up when it is queued and again when its record is
+        # committed. Cleared when the cache changes (after a compaction), so it is never stale.
+        self._memo: dict[int, Row | None] = {}
+        self._cache_rows = cache is not None and bool(cache.chain())
         counts = dict(base_counts if base_counts is not None else (cache.counts() if cache else {}))
         self.n_done = counts.get("done", 0)
         self.n_failed = counts.get("failed", 0)
@@ -242,11 +247,20 @@ class TaskStates:
     # -- reading ------------------------------------------------------------------------------------
 
     def base(self, key: int) -> Row | None:
+        """The state of a task in the runs (not the live journal)."""
+        if not self._cache_rows and not self._overlay:
+            return None
+        memo = self._memo
+        if key in memo:
+            return memo[key]
         b = key.to_bytes(16, "big")
         row = self._overlay.get(b)
-        if row is not None:
-            return row
-        return self.cache.get(b) if self.cache is not None else None
+        if row is None and self.cache is not None and self._cache_rows:
+            row = self.cache.get(b)
+        if len(memo) >= MEMO_ROWS:
+            memo.clear()
+        memo[key] = row
+        return row
 
     def state(self, key: int) -> tuple[int, int]:
         """(state, attempts) of a task, from the runs and the live journal."""
@@ -280,11 +294,13 @@ class TaskStates:
             t.attempts += 1
             t.last_attempt = seq
             return
-        before = self._merged_state(key, t)
+        row = self.base(key)
+        base = row.state if row is not None else NONE
+        before = merge_state(base, t.state)
         new = merge_state(t.state, int(kind))
         if new == kind:  # this record decides the task's state: remember where it is
             t.state, t.seq, t.where = new, seq, where
-        self._transition(before, self._merged_state(key, t))
+        self._transition(before, merge_state(base, t.state))
 
     def _merged_state(self, key: int, t: TailEntry) -> int:
         row = self.base(key)
@@ -319,6 +335,8 @@ class TaskStates:
 
     def forget_through(self, seq: int) -> None:
         """The cache now holds every record up to ``seq``: drop live entries it covers."""
+        self._memo.clear()
+        self._cache_rows = True
         stale = [k for k, t in self.tail.items() if t.seq and t.seq <= seq and t.last_attempt <= seq]
         for k in stale:
             del self.tail[k]
