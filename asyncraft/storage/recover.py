@@ -22,8 +22,8 @@ from asyncraft.errors import StateDamaged
 from asyncraft.records import NAME_OF, Kind, kind_of
 from asyncraft.storage import runfile
 from asyncraft.storage.fs import FS
-from asyncraft.storage.layout import StateDir, seg_name
-from asyncraft.storage.resolve import RunRef, StateView, resolve
+from asyncraft.storage.layout import StateDir, parse_run_name, seg_name
+from asyncraft.storage.resolve import RunRef, SegRef, StateView, resolve
 from asyncraft.storage.runfile import RunDamage, RunIndex, RunReader
 from asyncraft.storage.tasks import DONE, FAILED, IERR, NONE, Row, TaskCache, TaskStates, merge_state
 
@@ -120,9 +120,20 @@ def tidy(sd: StateDir, fs: FS, view: StateView) -> list[str]:
     for p in view.stale_segments:
         fs.unlink(p)
     for p in view.orphan_runs:
-        fs.unlink(runfile.index_path_for(p))
-        fs.unlink(p)
-        notes.append(f"removed {p.name}, left by an interrupted compaction (its records are in the journal)")
+        rn = parse_run_name(p.name)
+        # The live journal is contiguous (tidying comes after the damage checks): one range covers it all.
+        in_journal = rn is not None and bool(view.segments) and view.segments[0].first <= rn.first and (
+            rn.last <= max(last for _seg, last in _segment_ranges(view)))
+        if in_journal:
+            fs.unlink(runfile.index_path_for(p))
+            fs.unlink(p)
+            notes.append(f"removed {p.name}, left by an interrupted compaction (its records are in the journal)")
+        else:  # not ours to judge: keep it, out of the way
+            fs.mkdir(sd.damaged)
+            for q in (p, runfile.index_path_for(p)):
+                if q.exists():
+                    fs.rename(q, sd.damaged / q.name)
+            notes.append(f"set {p.name} aside in damaged/: it is not part of the chain of runs")
     if view.damaged_manifests:
         fs.mkdir(sd.damaged)
         for p in view.damaged_manifests:
@@ -137,6 +148,12 @@ def tidy(sd: StateDir, fs: FS, view: StateView) -> list[str]:
     # Trailing empty segments after an unsealed one (a rotation that stopped half-way): keep the first of them
     # only if the segment before is sealed. The writer appends to the last segment, so nothing else is needed.
     return notes
+
+
+def _segment_ranges(view: StateView) -> list[tuple[SegRef, int]]:
+    """Each live segment with the last seq it holds; the journal runs on from one segment to the next."""
+    segs = view.segments
+    return [(seg, segs[i + 1].first - 1 if i + 1 < len(segs) else seg.last_seq) for i, seg in enumerate(segs)]
 
 
 def _rebuild(sd: StateDir, view: StateView, *, cache_writable: bool, wants: WantsHook | None,
