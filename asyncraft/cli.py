@@ -13,8 +13,17 @@ from pathlib import Path
 import orjson
 
 from asyncraft import __version__, config
-from asyncraft.errors import AsyncraftError, ConfigError, DiskFull, JournalError, StateMismatch, StorageIOError
+from asyncraft.errors import (
+    AsyncraftError,
+    ConfigError,
+    DiskFull,
+    Incomplete,
+    JournalError,
+    StateMismatch,
+    StorageIOError,
+)
 from asyncraft.storage import StateDir
+from asyncraft.text import safe, safe_json
 
 EPILOG = """\
 Every option also reads ASYNCRAFT_<NAME> from the environment (flag > environment > default);
@@ -40,13 +49,20 @@ process; 74 a write or fsync of the state failed.
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return orjson.dumps({"t": round(record.created, 3), "level": record.levelname.lower(),
-                             "logger": record.name, "msg": record.getMessage()}).decode()
+        return safe_json(orjson.dumps({"t": round(record.created, 3), "level": record.levelname.lower(),
+                                       "logger": record.name, "msg": record.getMessage()}).decode())
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per message: control characters from input lines or servers are escaped, never obeyed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "asyncraft: " + safe(record.getMessage())
 
 
 def _setup_logging(fmt: str, verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter("asyncraft: %(message)s"))
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     root = logging.getLogger("asyncraft")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -82,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output layout")
     ex.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     ex.add_argument("--partial", action="store_true",
-                    help="export what is readable although the state dir is damaged (what is missing is listed "
-                         "on stderr)")
+                    help="export although the job is not finished (unfinished lines become \"pending\" rows) or "
+                         "the state dir is damaged (what is readable; what is missing is listed on stderr)")
     add("verify", "check every checksum of the journal, runs and snapshots; exit 1 on damage")
     demo = add("demo", "run a job end to end against the built-in simulator")
     demo.add_argument("--dir", default=None, help="where to keep the demo's files (default: a temp dir)")
@@ -123,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StateMismatch) as exc:
         print(f"asyncraft: error: {exc}", file=sys.stderr)
         return 2
+    except Incomplete as exc:
+        print(f"asyncraft: {exc}", file=sys.stderr)
+        return 75
     except DiskFull as exc:
         print(f"asyncraft: {exc}; free some space and run the same command again (nothing acknowledged was lost)",
               file=sys.stderr)
@@ -168,10 +187,12 @@ def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int
         from asyncraft import export
 
         t0 = time.perf_counter()
-        counts = export.export(sd, ns.format, Path(ns.out), input_override=settings.input or None,
-                               settings=settings, partial=ns.partial)
-        total = sum(counts.values())
-        detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        print(f"wrote {total} rows to {ns.out} ({detail}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        written = export.export(sd, ns.format, Path(ns.out), input_override=settings.input or None,
+                                settings=settings, partial=ns.partial)
+        for path, counts in written:
+            detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+            print(f"wrote {sum(counts.values())} rows to {path}" + (f" ({detail})" if detail else ""),
+                  file=sys.stderr)
+        print(f"export took {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         return 0
     raise ConfigError(f"unknown command {cmd}")

@@ -37,10 +37,10 @@ async def _demo(settings: Settings, workdir: Path) -> int:
     sd = StateDir(state)
     raft_out = workdir / "raft.jsonl"
     chat_out = workdir / "train.jsonl"
-    counts = await asyncio.to_thread(export.export, sd, "raft", raft_out, settings=s)
+    written = await asyncio.to_thread(export.export, sd, "raft", raft_out, settings=s)
     chat_settings = dataclasses.replace(s, split="eval=0.1", system_prompt="Answer from the documents; quote them.")
     await asyncio.to_thread(export.export, sd, "chat", chat_out, settings=chat_settings)
-    print(f"\nasyncraft demo: exit {code}; {sum(counts.values())} RAFT records")
+    print(f"\nasyncraft demo: exit {code}; {sum(sum(c.values()) for _p, c in written)} RAFT records")
     print(f"  RAFT records (all fields):   {raft_out}")
     print(f"  chat fine-tuning data:       {chat_out} and {export.split_path(chat_out, 'eval')}")
     print(f"  tail the journal:            python -m asyncraft tail -f --state-dir {state}")

@@ -109,5 +109,9 @@ class FsyncFailed(StorageIOError):
     """fsync/fdatasync failed: the kernel may have dropped dirty pages; exit now (74)."""
 
 
+class Incomplete(AsyncraftError):
+    """The job is not finished (an export of a partial dataset was not asked for): exit 75."""
+
+
 class StateMismatch(AsyncraftError):
     """The state dir belongs to a different job configuration."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from asyncraft.errors import ConfigError, StateDamaged
+from asyncraft.errors import ConfigError, Incomplete, StateDamaged
 from asyncraft.jobs.base import InputProblem
 from asyncraft.records import id_key
 from asyncraft.storage import Recovery, open_read_only, readers
@@ -62,8 +62,12 @@ def prompts_rows(rec: Recovery, input_path: Path, meta: dict[str, Any]) -> Itera
             yield row
 
 
+Written = list[tuple[Path, dict[str, int]]]  # each file written, with its rows counted by status
+
+
 def export(sd: StateDir, fmt: str, out: Path, *, input_override: str | None = None,
-           settings: Settings | None = None, partial: bool = False) -> dict[str, int]:
+           settings: Settings | None = None, partial: bool = False) -> Written:
+    """Write the results; refuse damage and (prompts) unfinished lines unless ``partial``."""
     rec = open_read_only(sd)
     meta = rec.view.meta
     if meta is None:
@@ -89,8 +93,18 @@ def export(sd: StateDir, fmt: str, out: Path, *, input_override: str | None = No
             if not input_path.is_file():
                 raise ConfigError(f"input file {input_path} not found; export reads it for the order of lines. "
                                   "Pass --input PATH if it moved.")
-            return write_rows(prompts_rows(rec, input_path, meta), out,
-                              prompts_schema() if out.suffix == ".parquet" else None)
+            counts = write_rows(prompts_rows(rec, input_path, meta), out,
+                                prompts_schema() if out.suffix == ".parquet" else None)
+            pending = counts.get("pending", 0)
+            if pending and not partial:
+                out.unlink()
+                raise Incomplete(f"{pending} of {sum(counts.values())} input lines have no result yet; nothing was "
+                                 "written. Run the job to the end and export again, or pass --partial to export "
+                                 "what is done (the others as \"pending\" rows)")
+            if pending:
+                log.warning("%d of %d lines are pending (exported as \"pending\" rows)", pending,
+                            sum(counts.values()))
+            return [(out, counts)]
     except RunDamage as exc:
         raise StateDamaged(f"{sd.root} is damaged: {exc.path} at byte {exc.offset}: {exc.problem}. Run `asyncraft "
                            "verify` for every damaged position; `asyncraft run --salvage` sets the damage aside and "
@@ -297,7 +311,7 @@ def split_path(out: Path, name: str) -> Path:
     return out.with_name(f"{out.stem}.{name}{out.suffix}")
 
 
-def export_raft(rec: Recovery, meta: dict[str, Any], fmt: str, out: Path, settings: Settings) -> dict[str, int]:
+def export_raft(rec: Recovery, meta: dict[str, Any], fmt: str, out: Path, settings: Settings) -> Written:
     if out.suffix not in (".jsonl", ".json", ".parquet", ""):
         raise ConfigError(f"--out {out}: use a .jsonl or .parquet file name")
     if fmt == "completion" and settings.prompt_column == settings.completion_column:
@@ -316,7 +330,7 @@ def export_raft(rec: Recovery, meta: dict[str, Any], fmt: str, out: Path, settin
     schema = raft_schema(fmt, settings) if out.suffix == ".parquet" else None
     seed = int((meta.get("fingerprint") or {}).get("seed", 0))
     assignment = split_assignment([a[2] for a in corpus.answers], settings.split, seed) if settings.split else {}
-    counts: dict[str, int] = {}
+    written: Written = []
     targets: list[tuple[str | None, Path]] = [(None, out)]
     if settings.split:
         from asyncraft.config import parse_split
@@ -327,8 +341,5 @@ def export_raft(rec: Recovery, meta: dict[str, Any], fmt: str, out: Path, settin
             return assignment.get(rid) == name
 
         rows = (format_row(r, fmt, settings) for r in raft_records(corpus, meta, keep if settings.split else None))
-        written = write_rows(rows, path, schema)
-        counts[name or "ok"] = sum(written.values())
-        if name is not None:
-            log.info("wrote %d %s rows to %s", counts[name], name, path)
-    return counts
+        written.append((path, write_rows(rows, path, schema)))
+    return written

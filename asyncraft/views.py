@@ -22,6 +22,7 @@ from asyncraft.storage import ensure_current, open_read_only, readers, runfile
 from asyncraft.storage.layout import StateDir
 from asyncraft.storage.resolve import Finding, resolve
 from asyncraft.storage.runfile import RunDamage
+from asyncraft.text import safe, safe_json
 
 
 def _require(sd: StateDir) -> None:
@@ -119,7 +120,11 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def describe(rec: dict[str, Any]) -> str:
-    """One readable line for a record."""
+    """One readable line for a record; text from input lines and servers is escaped (``text.safe``)."""
+    return safe(_describe(rec))
+
+
+def _describe(rec: dict[str, Any]) -> str:
     kind = rec.get("k", "?")
     head = f"#{rec.get('seq', '?'):<8} {kind:<7}"
     where = " ".join(f"{k}={rec[k]}" for k in ("line", "custom_id", "path") if k in rec)
@@ -246,7 +251,16 @@ def tail(sd: StateDir, *, lines: int, follow: bool, raw: bool, stage: str | None
          errors: bool = False, out: IO[str] | None = None, poll: float = 0.2,
          stop_after: float | None = None) -> int:
     """Print the last ``lines`` records (of those the filters keep), then with ``follow`` new ones as they are
-    committed, across segment rotation and snapshot compaction (see ``Follower``)."""
+    committed, across segment rotation and snapshot compaction (see ``Follower``). Following a state dir that does
+    not exist yet waits for it (a run about to start)."""
+    if follow and not sd.meta_path.exists():
+        sys.stderr.write(f"asyncraft: waiting for {sd.root} to appear (a run starting there)\n")
+        sys.stderr.flush()
+        start = time.monotonic()
+        while not sd.meta_path.exists():
+            if stop_after is not None and time.monotonic() - start > stop_after:
+                return 0
+            time.sleep(poll)
     _require(sd)
     out = out or sys.stdout
     keep = record_filter(stage, errors)
@@ -273,7 +287,7 @@ def tail(sd: StateDir, *, lines: int, follow: bool, raw: bool, stage: str | None
 
 
 def _emit(rec: dict[str, Any], raw: bool, out: IO[str]) -> None:
-    out.write((orjson.dumps(rec).decode() if raw else describe(rec)) + "\n")
+    out.write((safe_json(orjson.dumps(rec).decode()) if raw else describe(rec)) + "\n")
 
 
 # -- verify ----------------------------------------------------------------------------------------
