@@ -77,3 +77,23 @@ def test_tail_follow_waits_for_a_state_dir_that_does_not_exist_yet(sim: SimProce
     finally:
         tail.terminate()
         tail.communicate(timeout=30)
+
+
+def test_a_utf8_byte_order_mark_is_skipped_and_utf16_is_named(tmp_path: Path) -> None:
+    from asyncraft.errors import ConfigError
+    from asyncraft.jobs.base import Task
+    from asyncraft.jobs.prompts import PromptsJob
+
+    line = orjson.dumps({"custom_id": "a", "body": {"messages": [{"role": "user", "content": "é"}]}})
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + line + b"\n" + line.replace(b'"a"', b'"b"') + b"\n")
+    items = list(PromptsJob(path, model="m", extra_body={}).roots())
+    assert [type(i) for i in items] == [Task, Task] and items[0].meta == {"line": 1, "custom_id": "a"}
+    path16 = tmp_path / "u16.jsonl"
+    path16.write_bytes((line.decode() + "\n").encode("utf-16"))
+    try:
+        PromptsJob(path16, model="m", extra_body={})
+    except ConfigError as exc:
+        assert "UTF-16" in str(exc) and "iconv" in str(exc)
+    else:
+        raise AssertionError("UTF-16 input was not named")

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from asyncraft.errors import ConfigError
 from asyncraft.jobs.base import InputProblem, Outcome, Task
 from asyncraft.provider import Completion
 from asyncraft.records import content_id, id_key
@@ -30,6 +31,7 @@ from asyncraft.records import content_id, id_key
 log = logging.getLogger("asyncraft")
 
 STAGE = "prompts"
+UTF8_BOM = b"\xef\xbb\xbf"
 _DROP = ("stream", "stream_options")  # the engine reads whole responses
 MAX_LINE_EXCERPT = 200
 
@@ -80,6 +82,7 @@ class PromptsJob:
 
     def __init__(self, input_path: str | Path, *, model: str | None, extra_body: dict[str, Any]) -> None:
         self.input_path = Path(input_path)
+        check_encoding(self.input_path)
         self.model = model
         self.extra_body = dict(extra_body)
         self._start: InputPosition | None = None
@@ -101,6 +104,8 @@ class PromptsJob:
                 offset += len(raw)
                 if tracker is not None and tracker.feeding:
                     crc = zlib.crc32(raw, crc)
+                if lineno == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM) :]  # written by some editors and Windows tools; not part of the JSON
                 if not raw.strip():
                     if tracker is not None:
                         tracker.add(lineno, offset, crc, None, False)
@@ -206,6 +211,18 @@ class PromptsJob:
     def handle(self, task: Task, completion: Completion) -> Outcome:
         return Outcome(result={"message": completion.message, "finish_reason": completion.finish_reason,
                                "model": completion.model})
+
+
+def check_encoding(path: Path) -> None:
+    """JSONL is UTF-8 (a UTF-8 byte-order mark is skipped); UTF-16 is named as such, not misread line by line."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ConfigError(f"--input {path}: cannot read it: {exc.strerror}") from None
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) >= 2 and (head[0] == 0) != (head[1] == 0)):
+        raise ConfigError(f"--input {path} is UTF-16 text; asyncraft reads UTF-8 JSONL. Convert it, e.g. "
+                          f"`iconv -f UTF-16 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
 
 
 def problem_id(key: str) -> str:
