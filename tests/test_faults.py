@@ -151,9 +151,10 @@ class Ledger:
         assert set(self.paid) == set(self.job.hashes.values())
 
 
-def killed_part_way(ledger: Ledger, commits: int) -> None:
-    """A state dir with some results and the rest to do: the first run is killed after ``commits`` commits."""
-    res = ledger.run(env={**ledger.env, "ASYNCRAFT_FAILPOINTS": f"journal.after_fsync@{commits}"})
+def killed_part_way(ledger: Ledger) -> None:
+    """A state dir with some results and the rest to do: a run killed after its sixth commit (a commit holds at
+    most one record per call in flight, so eight calls at a time cannot finish the job)."""
+    res = ledger.run(env={**ledger.env, "ASYNCRAFT_FAILPOINTS": "journal.after_fsync@6", "ASYNCRAFT_CONCURRENCY": "8"})
     assert res.returncode == -9, tail(res)
     assert 0 < len(ledger.durable()) < len(ledger.job.hashes)
 
@@ -213,6 +214,7 @@ class Phase:
     names: str  # what the first run's disk-full message names
     cut_compaction: bool  # the first run leaves a run without its index: the disk filled in a compaction
     latency_ms: float = 0.0  # the simulator's, until the disk is full
+    killed_at: str = ""  # the state dir is that of a run killed at this failpoint, then the disk is filled
 
 
 # A compaction races the journal for the last pages. In that phase the calls come one at a time and slowly, so
@@ -220,6 +222,8 @@ class Phase:
 # failure the writer reports.
 DISK_FULL = {
     "start-up": Phase({}, r"/asyncraft\.json", False),
+    # A resume whose first journal write is the feeder's: a problem record (the input starts with bad lines).
+    "first journal write": Phase({}, r"/journal/\d+\.jsonl", False, killed_at="journal.before_write"),
     "mid-journal": Phase({}, r"/journal/\d+\.jsonl", False),
     "compaction": Phase({"ASYNCRAFT_SNAPSHOT_EVERY": "15", "ASYNCRAFT_CONCURRENCY": "1"}, r"/journal/\d+\.jsonl",
                         True, latency_ms=50),
@@ -245,7 +249,7 @@ def used_at(mnt: Path, env: dict[str, str], job: Job, point: str) -> int:
 
 def free_space(phase: str, mnt: Path, env: dict[str, str], job: Job) -> int:
     """Measured on this very disk, not assumed, so that the fill levels follow the formats."""
-    if phase == "start-up":
+    if phase == "start-up" or DISK_FULL[phase].killed_at:
         return 0
     if phase == "mid-journal":
         # Half way between start-up done and every record in the journal (the final snapshot's run written).
@@ -266,6 +270,9 @@ def test_disk_full(phase: str, tmp_path: Path, fsim: SimProcess, job: Job) -> No
         try:
             free = free_space(phase, mnt, env, job)
             ledger = Ledger(fsim, job, mnt / "state", env)
+            if how.killed_at:
+                killed = ledger.run(env={**env, "ASYNCRAFT_FAILPOINTS": how.killed_at})
+                assert killed.returncode == -9, tail(killed)
             filler = Filler(mnt)
             filler.leave(free)
             first = ledger.run()
@@ -379,7 +386,7 @@ def test_io_error(case: str, tmp_path: Path, fsim: SimProcess, job: Job) -> None
     env = cli_env(fsim, **dict(fault.settings))
     ledger = Ledger(fsim, job, tmp_path / "state", env)
     if fault.resume:
-        killed_part_way(ledger, 6)
+        killed_part_way(ledger)
     input_path = job.input
     if fault.moved_input:
         input_path = tmp_path / "moved" / job.input.name
@@ -465,7 +472,7 @@ def test_lost_meta_refused_then_salvaged(loss: str, tmp_path: Path, fsim: SimPro
     """Results exist but asyncraft.json is gone or unreadable: ``run`` refuses without a call (never rewrites it
     silently with whatever configuration it is given), and ``--salvage`` rewrites it and finishes the job."""
     ledger = Ledger(fsim, job, tmp_path / "state", cli_env(fsim))
-    killed_part_way(ledger, 6)
+    killed_part_way(ledger)
     meta = ledger.state / "asyncraft.json"
     LOST_META[loss](meta)
     requests = fsim.stats()["requests"]
