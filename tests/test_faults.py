@@ -24,7 +24,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -35,7 +35,7 @@ from asyncraft.jobs.prompts import PromptsJob
 from asyncraft.records import id_key
 from asyncraft.simulate import body_hash
 from tests.conftest import cli_env, run_cli
-from tests.helpers import ROOT, SimProcess, start_simulator, task_states
+from tests.helpers import ROOT, SimProcess, journal_records, start_simulator
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,6 @@ NO_SNAPSHOT = "1000000"  # only the final snapshot
 EXIT_IOERR = 74
 EXIT_TEMPFAIL = 75
 ASYNCRAFT = (sys.executable, "-m", "asyncraft")
-PAGE = 4096
 
 
 def write_input(path: Path) -> None:
@@ -120,9 +119,10 @@ class Ledger:
         self.paid: Counter[str] = Counter()
 
     def durable(self) -> set[str]:
-        if not (self.state / "asyncraft.json").exists():
+        """Hashes of the tasks done on disk, read from the records (asyncraft.json may be lost)."""
+        if not self.state.exists():
             return set()
-        return {self.job.hashes[k] for k in task_states(self.state).done}
+        return {self.job.hashes[int(r["id"], 16)] for r in journal_records(self.state) if r["k"] == "done"}
 
     def run(self, *extra: str, launcher: tuple[str, ...] = ASYNCRAFT, env: dict[str, str] | None = None,
             input_path: Path | None = None, preexec_fn: Callable[[], None] | None = None,
@@ -213,6 +213,9 @@ class Phase:
     settings: dict[str, str]
     names: str  # what the first run's disk-full message names
     cut_compaction: bool  # the first run leaves a run without its index: the disk filled in a compaction
+    # Bytes left free: the mean of what runs killed at these failpoints take on the empty disk (none: nothing).
+    # Measured on this very disk, not assumed, so that the fill levels follow the formats.
+    free_as_at: tuple[str, ...] = ()
     latency_ms: float = 0.0  # the simulator's, until the disk is full
     killed_at: str = ""  # the state dir is that of a run killed at this failpoint, then the disk is filled
 
@@ -224,10 +227,12 @@ DISK_FULL = {
     "start-up": Phase({}, r"/asyncraft\.json", False),
     # A resume whose first journal write is the feeder's: a problem record (the input starts with bad lines).
     "first journal write": Phase({}, r"/journal/\d+\.jsonl", False, killed_at="journal.before_write"),
-    "mid-journal": Phase({}, r"/journal/\d+\.jsonl", False),
+    # Half way between start-up done and every record in the journal.
+    "mid-journal": Phase({}, r"/journal/\d+\.jsonl", False, ("journal.before_write", "compact.mid_index")),
+    # Room for everything up to the run of the first snapshot, not for its index.
     "compaction": Phase({"ASYNCRAFT_SNAPSHOT_EVERY": "15", "ASYNCRAFT_CONCURRENCY": "1"}, r"/journal/\d+\.jsonl",
-                        True, latency_ms=100),
-    "final snapshot": Phase({}, r"/runs/\d+-\d+-[0-9a-f]+\.idx", True),
+                        True, ("compact.mid_index",), latency_ms=100),
+    "final snapshot": Phase({}, r"/runs/\d+-\d+-[0-9a-f]+\.idx", True, ("compact.mid_index",)),
 }
 
 
@@ -247,17 +252,6 @@ def used_at(mnt: Path, env: dict[str, str], job: Job, point: str) -> int:
     return used
 
 
-def free_space(phase: str, mnt: Path, env: dict[str, str], job: Job) -> int:
-    """Measured on this very disk, not assumed, so that the fill levels follow the formats."""
-    if phase == "start-up" or DISK_FULL[phase].killed_at:
-        return 0
-    if phase == "mid-journal":
-        # Half way between start-up done and every record in the journal (the final snapshot's run written).
-        return (used_at(mnt, env, job, "journal.before_write") + used_at(mnt, env, job, "compact.mid_index")) // 2
-    # Everything up to the run of the first snapshot fits, its index does not.
-    return used_at(mnt, env, job, "compact.mid_index")
-
-
 @pytest.mark.parametrize("phase", list(DISK_FULL))
 def test_disk_full(phase: str, tmp_path: Path, fsim: SimProcess, job: Job) -> None:
     """The disk fills: the run waits ASYNCRAFT_DISK_FULL_WAIT and stops with 75, so does a resume on the still
@@ -269,7 +263,7 @@ def test_disk_full(phase: str, tmp_path: Path, fsim: SimProcess, job: Job) -> No
                                "ASYNCRAFT_PROGRESS_INTERVAL": "3600", **how.settings})
         fsim.reconfigure(latency_ms=how.latency_ms)
         try:
-            free = free_space(phase, mnt, env, job)
+            free = sum(used_at(mnt, env, job, point) for point in how.free_as_at) // max(1, len(how.free_as_at))
             ledger = Ledger(fsim, job, mnt / "state", env)
             if how.killed_at:
                 killed = ledger.run(env={**env, "ASYNCRAFT_FAILPOINTS": how.killed_at})
@@ -322,7 +316,8 @@ else:
             raise eio()
     real_open = builtins.open
     def failing_open(file, mode="r", *args, **kwargs):
-        if set(mode) & set("wax") and fnmatch.fnmatch(os.path.abspath(file), pattern):
+        if (isinstance(file, (str, os.PathLike)) and set(mode) & set("wax")
+                and fnmatch.fnmatch(os.path.abspath(file), pattern)):
             raw = io.BufferedWriter(FailingFile(file, mode.replace("b", "").replace("t", "")))
             return raw if "b" in mode else io.TextIOWrapper(raw)
         return real_open(file, mode, *args, **kwargs)
@@ -337,7 +332,7 @@ class IOFault:
     how: str  # a libfiu command, or "fsync PATTERN" / "write PATTERN" for the interposer
     names: str  # what the error message names
     exit: int = EXIT_IOERR
-    settings: tuple[tuple[str, str], ...] = ()
+    settings: dict[str, str] = field(default_factory=dict)
     resume: bool = False  # the faulty run resumes a state dir killed part-way (instead of starting one)
     moved_input: bool = False  # ... from a copy of the input elsewhere, so that asyncraft.json is rewritten
 
@@ -347,7 +342,7 @@ class IOFault:
         return fiu(self.how), env
 
 
-SNAPSHOTS = (("ASYNCRAFT_SNAPSHOT_EVERY", "15"),)
+SNAPSHOTS = {"ASYNCRAFT_SNAPSHOT_EVERY": "15"}
 IO_FAULTS = {
     # Only the journal uses fdatasync. The feeder's problem records are the first to go (the input starts with
     # bad lines): they once ended in an ExceptionGroup traceback.
@@ -384,7 +379,7 @@ def test_io_error(case: str, tmp_path: Path, fsim: SimProcess, job: Job) -> None
     """EIO on a write or an fsync of the state stops the run with 74 and no traceback (on a view for people it
     is logged and the run goes on); the next start finishes."""
     fault = IO_FAULTS[case]
-    env = cli_env(fsim, **dict(fault.settings))
+    env = cli_env(fsim, **fault.settings)
     ledger = Ledger(fsim, job, tmp_path / "state", env)
     if fault.resume:
         killed_part_way(ledger)
