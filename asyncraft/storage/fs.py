@@ -23,8 +23,8 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def _mapped(exc: OSError, what: str, path: Path | str) -> Exception:
     if exc.errno in _FULL:
-        return DiskFull(f"disk full {what} {path}: {exc.strerror}")
-    return StorageIOError(f"cannot {what.split()[0]} {path}: {exc.strerror}")
+        return DiskFull(f"disk full: cannot {what} {path} ({exc.strerror})")
+    return StorageIOError(f"cannot {what} {path}: {exc.strerror}")
 
 
 @contextlib.contextmanager
@@ -68,7 +68,7 @@ class FS:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size_before)
-            raise _mapped(exc, "writing", path) from None
+            raise _mapped(exc, "write", path) from None
         self._log("write", path, size_before, data)
 
     def fdatasync(self, fd: int) -> None:
@@ -120,7 +120,7 @@ class FS:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise _mapped(exc, "writing", path) from None
+            raise _mapped(exc, "write", path) from None
         except FsyncFailed:
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -83,20 +83,25 @@ def _kind_stage_wanted(header: runfile.RunHeader, wants: WantsHook | None) -> bo
 def recover(sd: StateDir, fs: FS, *, salvage: bool = False, wants: WantsHook | None = None,
             on_payload: PayloadHook | None = None) -> Recovery:
     """Resolve, refuse damage (or salvage it), tidy, and rebuild the state a run resumes from."""
+    from asyncraft.storage.salvage import salvage as do_salvage
+    from asyncraft.storage.salvage import unsalvaged
+
     view = resolve(sd)
     notes: list[str] = []
     if salvage:
         # Asked for: check everything (run data and indexes too, which a start otherwise reads lazily).
-        from asyncraft.storage.salvage import salvage as do_salvage
-
         notes = do_salvage(sd, fs, view)
         view = resolve(sd)
-        if view.damage:
-            raise StateDamaged(f"{sd.root}: --salvage could not repair everything: {view.damage[0]}", view.damage)
-    view.refuse_if_damaged()
+        if damage := unsalvaged(sd, view):
+            raise StateDamaged(f"{sd.root}: --salvage could not repair everything: {damage[0]}", damage)
+    else:
+        view.refuse_if_damaged()
     notes += tidy(sd, fs, view)
     view = resolve(sd)  # after tidying (torn tail truncated, stale files gone)
-    view.refuse_if_damaged()
+    if not salvage:
+        view.refuse_if_damaged()
+    elif damage := unsalvaged(sd, view):
+        raise StateDamaged(f"{sd.root}: --salvage could not repair everything: {damage[0]}", damage)
     return _rebuild(sd, view, cache_writable=True, wants=wants, on_payload=on_payload, notes=notes)
 
 

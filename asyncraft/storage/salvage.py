@@ -31,6 +31,12 @@ def lost(seq: int, note: str) -> bytes:
     return records.encode({"k": "lost", "note": note, "seq": seq, "b": seq})
 
 
+def unsalvaged(sd: StateDir, view: StateView) -> list[Finding]:
+    """The damage ``salvage`` leaves: none, but asyncraft.json is then missing until the run writes it again from
+    its configuration (it alone knows the job and its settings), right after opening the state dir."""
+    return [f for f in view.damage if f.path != str(sd.meta_path)]
+
+
 def salvage(sd: StateDir, fs: FS, view: StateView) -> list[str]:
     """Repair ``view``'s damage in place; returns notes for the log."""
     notes: list[str] = []
@@ -229,7 +235,7 @@ def _reset_input_progress(sd: StateDir, fs: FS) -> None:
     """Lost tasks may lie in the part of the input that a resume skips: record that the input must be read from
     its start again (appended to the live journal, so it is durable before anything else runs)."""
     view = resolve(sd)
-    if view.damage:
+    if unsalvaged(sd, view):
         return
     seq = view.next_seq
     if view.segments:
