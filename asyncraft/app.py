@@ -190,8 +190,9 @@ class Runner:
             except DiskFull as exc:
                 if time.monotonic() >= deadline:
                     raise
-                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, delay)
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                pause = min(delay, max(0.0, deadline - time.monotonic()))
+                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, pause)
+                await asyncio.sleep(pause)
                 delay = min(delay * 2, 10.0)
 
     def _write_people_file(self, path: Path, data: bytes) -> None:

@@ -67,6 +67,8 @@ def _setup_logging(fmt: str, verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    # A log line that cannot be written (stderr on a full disk, a closed pipe) is dropped, not a traceback.
+    logging.raiseExceptions = False
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -202,8 +202,9 @@ class Journal:
             except DiskFull as exc:
                 if time.monotonic() >= deadline:
                     raise
-                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, delay)
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                pause = min(delay, max(0.0, deadline - time.monotonic()))
+                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, pause)
+                await asyncio.sleep(pause)
                 delay = min(delay * 2, 10.0)
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[dict[str, Any], Durable]]) -> None:
@@ -346,10 +347,11 @@ class Journal:
             self._cache.close()
 
     def abandon(self) -> None:
-        """Stop without compacting (after a fatal I/O error): nothing more is written."""
+        """Stop without compacting (after a fatal I/O error): nothing more is started; a compaction under way
+        finishes (or fails) before this returns, so nothing writes behind the caller's back."""
         self.closed = True
-        self._io.shutdown(wait=False, cancel_futures=True)
-        self._compactor.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self._compactor.shutdown(wait=True, cancel_futures=True)
 
 
 def _report(batch: list[tuple[dict[str, Any], Durable]], error: BaseException | None) -> None:

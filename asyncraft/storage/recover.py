@@ -117,9 +117,15 @@ def tidy(sd: StateDir, fs: FS, view: StateView) -> list[str]:
     for p in view.temp_files:
         fs.unlink(p)
         notes.append(f"removed leftover temp file {p}")
-    for ref in view.segments:
+    with_data = [ref for ref in view.segments if ref.size]
+    if with_data:
+        # The last segment written may hold records the disk never got (a crash between write and fdatasync, or
+        # an fdatasync that failed: the kernel may then drop the pages while reads still show them). Writing its
+        # valid part anew, synced, makes what this start counts as done really be on disk; a torn tail goes.
+        ref = with_data[-1]
+        data = ref.path.read_bytes()[: ref.valid_bytes]
+        fs.write_atomic(ref.path, data)
         if ref.valid_bytes < ref.size:
-            fs.truncate(ref.path, ref.valid_bytes)
             notes.append(f"truncated a torn write at {ref.path}:{ref.valid_bytes} ({ref.size - ref.valid_bytes} "
                          "bytes never acknowledged)")
     for p in view.stale_segments:
