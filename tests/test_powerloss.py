@@ -65,7 +65,7 @@ class Recording:
     expected: dict[int, dict[str, Any]]  # seq -> record as committed
 
 
-def record_journal_run(root: Path, *, stop_early: bool = False) -> Recording:
+def record_journal_run(root: Path, *, stop_early: bool = False, snapshot_every: int = 10) -> Recording:
     """A run of the journal writer: commits of 1-4 records, segment rotation, three or more compactions and
     the final snapshot; every operation recorded."""
     fs = RecordingFS()
@@ -75,7 +75,8 @@ def record_journal_run(root: Path, *, stop_early: bool = False) -> Recording:
     async def go() -> None:
         rec = storage.open_for_run(sd, fs)
         sd.write_meta(fs, META)
-        journal = Journal(sd, rec, fs=fs, fsync="batch", fsync_interval=0, segment_bytes=900, snapshot_every=10)
+        journal = Journal(sd, rec, fs=fs, fsync="batch", fsync_interval=0, segment_bytes=900,
+                          snapshot_every=snapshot_every)
         writer = asyncio.create_task(journal.run())
         i = 0
         for n in BATCHES:
@@ -222,7 +223,7 @@ def test_every_power_cut_during_a_migration_keeps_every_record(tmp_path: Path) -
 
 def test_a_flipped_letter_in_the_journal_is_damage_not_a_torn_write(tmp_path: Path) -> None:
     root = tmp_path / "state"
-    record_journal_run(root, stop_early=True)
+    record_journal_run(root, stop_early=True, snapshot_every=1000)
     assert _journal_flip_is_found(root)
 
 
@@ -369,7 +370,7 @@ def _harness_fails(tmp: Path) -> Iterator[str]:
     if problems:
         return
     root = tmp / "b"
-    record_journal_run(root, stop_early=True)
+    record_journal_run(root, stop_early=True, snapshot_every=1000)
     if not _journal_flip_is_found(root):
         yield "a flipped letter in the journal was read as a valid record"
         return
