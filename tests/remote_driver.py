@@ -52,7 +52,7 @@ def read_state(root: Path) -> dict[int, str]:
     """seq -> value of every record the dir holds: the newest manifest's runs, then the journal after it."""
     out: dict[int, str] = {}
     covered = 0
-    manifests = sorted((root / "snapshots").glob("snap-*.json"))
+    manifests = sorted((root / "snapshots").glob("manifest-*.json"))
     if manifests:
         m = orjson.loads(manifests[-1].read_bytes())
         covered = m["seq"]
@@ -101,7 +101,7 @@ class Writer:
         if not meta.exists():
             _write_atomic(meta, orjson.dumps({"job": "remote-test", "format": 1}))
         self.rep.on_meta(meta)
-        manifests = sorted((self.root / "snapshots").glob("snap-*.json"))
+        manifests = sorted((self.root / "snapshots").glob("manifest-*.json"))
         if manifests:
             m = orjson.loads(manifests[-1].read_bytes())
             self.covered = self.last = m["seq"]
@@ -156,7 +156,7 @@ class Writer:
         _write_atomic(self.root / f"{stem}.idx", orjson.dumps({"count": len(_lines(data))}))
         self.rep.on_immutable([self.root / f"{stem}.zst", self.root / f"{stem}.idx"])
         self.runs += [f"{stem}.zst", f"{stem}.idx"]
-        manifest = self.root / "snapshots" / f"snap-{last:012d}.json"
+        manifest = self.root / "snapshots" / f"manifest-{last:012d}.json"
         _write_atomic(manifest, orjson.dumps({"seq": last, "runs": self.runs}))
         self.rep.on_manifest(manifest)
         self.covered = last
@@ -165,7 +165,7 @@ class Writer:
             p.unlink()
         for r in old:
             (self.root / r).unlink()
-        for p in sorted((self.root / "snapshots").glob("snap-*.json"))[:-2]:
+        for p in sorted((self.root / "snapshots").glob("manifest-*.json"))[:-2]:
             p.unlink()
 
 

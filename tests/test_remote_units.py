@@ -33,8 +33,8 @@ def listing(*keys: str) -> list[Entry]:
 
 
 def head(gen: int = 3, mseq: int = 0, files: dict[str, str] | None = None) -> Head:
-    ref = None if not mseq else ManifestRef(f"snapshots/snap-{mseq:012d}.json", mseq,
-                                            file_key(1, f"snapshots/snap-{mseq:012d}.json"), files or {})
+    ref = None if not mseq else ManifestRef(f"snapshots/manifest-{mseq:012d}.json", mseq,
+                                            file_key(1, f"snapshots/manifest-{mseq:012d}.json"), files or {})
     return Head(gen, "h", "w", 100.0, 10.0, ref)
 
 
@@ -70,7 +70,7 @@ def test_garbage_spares_newer_generations_and_what_the_head_names() -> None:
     run = file_key(1, "runs/a.zst")
     gens = parse_listing(listing(
         start_key(1), chunk_key(1, SEG1, 0, 100, 10), chunk_key(1, SEG1, 100, 120, 12), run,
-        file_key(1, "runs/old.zst"), file_key(1, "snapshots/snap-000000000010.json"),
+        file_key(1, "runs/old.zst"), file_key(1, "snapshots/manifest-000000000010.json"),
         start_key(2), chunk_key(2, SEG2, 0, 30, 13), file_key(2, "runs/pending.zst"),
         start_key(3), chunk_key(3, SEG2, 30, 60, 16), file_key(3, "runs/newer-owner.zst"),
     ))
@@ -81,8 +81,8 @@ def test_garbage_spares_newer_generations_and_what_the_head_names() -> None:
                            file_key(1, "runs/old.zst")}
     assert start_key(1) not in doomed  # generation 1 still holds what the head names
     # With nothing of generation 1 left to keep, its start object goes, and goes last.
-    h2 = Head(2, "h", "w", 100.0, 10.0, ManifestRef("snapshots/snap-000000000013.json", 13,
-                                                    file_key(2, "snapshots/snap-000000000013.json"), {}))
+    h2 = Head(2, "h", "w", 100.0, 10.0, ManifestRef("snapshots/manifest-000000000013.json", 13,
+                                                    file_key(2, "snapshots/manifest-000000000013.json"), {}))
     doomed2 = garbage(h2, Start(2, ((1, 10),)), gens, superseded=set())
     assert doomed2[-1] == start_key(1) and run in doomed2
 

@@ -69,10 +69,10 @@ def segment_first(name: str) -> int:
 
 
 def manifest_seq(name: str) -> int:
-    """``snapshots/snap-000000001234.json`` -> 1234: a manifest covers seq 1..this."""
-    m = re.fullmatch(r"(?:.*/)?snap-(\d+)\.json", name)
+    """``snapshots/manifest-000000001234.json`` -> 1234: a manifest covers seq 1..this."""
+    m = re.fullmatch(r"(?:.*/)?manifest-(\d+)\.json", name)
     if not m:
-        raise ValueError(f"manifest {name!r} is not named snapshots/snap-<seq>.json")
+        raise ValueError(f"manifest {name!r} is not named snapshots/manifest-<seq>.json")
     return int(m.group(1))
 
 
@@ -82,7 +82,7 @@ def manifest_seq(name: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ManifestRef:
-    name: str  # local name, snapshots/snap-<seq>.json
+    name: str  # local name, snapshots/manifest-<seq>.json
     seq: int
     key: str
     files: dict[str, str]  # local name of every file the manifest names -> its object key

@@ -229,7 +229,7 @@ def _scan_local(root: Path) -> _Local:
     root.mkdir(parents=True, exist_ok=True)
     segments = {p.name: p.stat().st_size for p in (root / "journal").glob("*") if not p.name.endswith(".tmp")}
     seqs = [0]
-    for p in (root / "snapshots").glob("snap-*.json"):
+    for p in (root / "snapshots").glob("manifest-*.json"):
         with contextlib.suppress(ValueError):
             seqs.append(manifest_seq(p.name))
     files = sum(1 for d in REPLICATED_DIRS for _ in (root / d).glob("*"))
