@@ -23,7 +23,6 @@ The rules, in one place:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,18 +383,3 @@ def _next_valid(data: bytes, start: int) -> tuple[int, dict[str, Any], int] | No
             return pos, rec, nl + 1
         pos = nl + 1
     return None
-
-
-def require_state(sd: StateDir) -> dict[str, Any]:
-    """The metadata of an existing state dir, or a clear error."""
-    meta = sd.read_meta()
-    if meta is None:
-        from asyncraft.errors import ConfigError
-
-        raise ConfigError(f"{sd.root} is not an asyncraft state dir (no asyncraft.json); pass --state-dir")
-    return meta
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

@@ -34,7 +34,6 @@ LEVEL = 3
 FRAME = struct.Struct("<QIII")  # offset, compressed length, raw length, crc32 of the compressed bytes
 ENTRY = struct.Struct("<16sBBII")  # task id (zeros if none), kind, stage code, frame, offset in the frame
 ZERO_ID = bytes(16)
-COUNTER_FIELDS = ("calls", "prompt_tokens", "completion_tokens")
 # Meta records that are not carried forward as "latest": structure of the journal itself.
 UNCARRIED = frozenset({"seal", "lost", "manifest"})
 
