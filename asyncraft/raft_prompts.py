@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import orjson
 
 from asyncraft.errors import ConfigError
 
-PROMPT_VERSION = "raft-1"
+PROMPT_VERSION = "raft-2"
 ANSWER_TAG = "<ANSWER>:"
 
 Messages = list[dict[str, str]]
@@ -161,7 +163,22 @@ _MARKER = re.compile(
     r"(?:(?:q(?:uestion)?\s*)?\(?\d{1,3}\s*(?:[.):\]](?!\d)|-\s)|\(?[a-z][.)]\s|q(?:uestion)?\s*\d{0,3}\s*[:.-])?"
     r"\s*(?:\*\*|__)?\s*",
     re.IGNORECASE)
-_PREAMBLE = re.compile(r"^(?:here\s+(?:are|is)|sure\b|certainly\b|okay\b|ok\b|the following\b)", re.IGNORECASE)
+# Words a question can start with when its question mark is missing, in the languages people
+# write prompts in most (a question with its mark is a question in any language).
+_INTERROGATIVES = frozenset("""
+    what which who whom whose when where why how is are was were am do does did can could should would will
+    shall may might must has have had isn't aren't wasn't weren't don't doesn't didn't can't couldn't
+    shouldn't wouldn't won't hasn't haven't
+    qui que quoi quel quelle quels quelles quand où pourquoi comment combien est-ce
+    wer wen wem wessen wann wo warum wieso weshalb wie welche welcher welches welchen wohin woher
+    qué quién quiénes cuál cuáles cuándo dónde cómo cuánto cuánta cuántos cuántas
+    chi cosa quale quali quando dove perché quanto quanta quanti quante
+    quem quais onde porque quanto quantos
+    wat wie welke wanneer waar waarom hoe
+""".split())
+_QUESTION_MARKS = ("?", "\uff1f", "\u061f", "\u037e")  # ASCII, fullwidth, Arabic, Greek
+_COPY_MIN_WORDS = 4
+DROP_REASONS = ("no letters", "not a question", "copied from the chunk", "duplicate", "beyond the number asked")
 
 
 def clean_question(line: str) -> str:
@@ -175,30 +192,55 @@ def clean_question(line: str) -> str:
     return re.sub(r"\s+", " ", q)
 
 
-def parse_questions(content: str | None, n: int) -> tuple[list[str], int]:
-    """Questions of a question-generation answer, at most ``n``, and how many lines were dropped.
+def _words(text: str) -> str:
+    return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
-    Numbering and bullets are stripped; blank lines, preambles ("Here are 5 questions:"), lines
-    without letters and duplicates (ignoring case and spacing) are dropped; extra questions
-    beyond ``n`` are cut (the first ones are usually the best)."""
+
+def reads_as_question(q: str) -> bool:
+    """Ends with a question mark, or starts with an interrogative (the model forgot the mark)."""
+    if q.rstrip(" \"'\u201d\u2019)*_").endswith(_QUESTION_MARKS) or q.startswith("\u00bf"):
+        return True
+    first = q.split(maxsplit=1)[0].lower().strip(",:;\"'\u201c\u2018*_") if q.strip() else ""
+    return first.replace("\u2019", "'") in _INTERROGATIVES
+
+
+def select_questions(candidates: Iterable[str], n: int, chunk: str = "") -> tuple[list[str], Counter[str]]:
+    """At most ``n`` questions from candidate lines or strings, and what was dropped, by reason.
+
+    Numbering and bullets are stripped; blank candidates are skipped. A candidate is dropped when it
+    has no letters, does not read as a question (so preambles such as "Here are 5 questions:" and
+    statements go too), copies a sentence of the chunk (a statement with a question mark is
+    still a copy), repeats an earlier one (ignoring case and spacing), or comes after the first
+    ``n`` (the first ones are usually the best)."""
     seen: set[str] = set()
     out: list[str] = []
-    dropped = 0
-    for line in (content or "").splitlines():
-        if not line.strip():
+    dropped: Counter[str] = Counter()
+    chunk_words = f" {_words(chunk)} " if chunk else ""
+    for raw in candidates:
+        if not raw.strip():
             continue
-        q = clean_question(line)
-        key = re.sub(r"[^\w]+", " ", q.lower()).strip()
-        if (not key or not any(ch.isalpha() for ch in q) or key in seen
-                or (q.endswith(":") and "?" not in q) or (_PREAMBLE.match(q) and "?" not in q)):
-            dropped += 1
-            continue
-        seen.add(key)
-        out.append(q)
+        q = clean_question(raw)
+        key = _words(q)
+        if not key or not any(ch.isalpha() for ch in q):
+            dropped["no letters"] += 1
+        elif not reads_as_question(q):
+            dropped["not a question"] += 1
+        elif chunk_words and len(key.split()) >= _COPY_MIN_WORDS and f" {key} " in chunk_words:
+            dropped["copied from the chunk"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            out.append(q)
     if len(out) > n:
-        dropped += len(out) - n
+        dropped["beyond the number asked"] += len(out) - n
         out = out[:n]
     return out, dropped
+
+
+def parse_questions(content: str | None, n: int, chunk: str = "") -> tuple[list[str], Counter[str]]:
+    """The questions of a free-text question-generation reply, one per line (see ``select_questions``)."""
+    return select_questions((content or "").splitlines(), n, chunk)
 
 
 _TAG = re.compile(r"<\s*answer\s*>\s*:?", re.IGNORECASE)
@@ -227,13 +269,30 @@ def final_answer(cot_answer: str) -> str:
     return cot_answer[matches[-1].end():].strip() if matches else cot_answer.strip()
 
 
-def retry_note(kind: str, attempt: int, n: int = 0) -> str:
+def retry_note(kind: str, attempt: int, n: int = 0, *, structured: bool = False) -> str:
     """Added to a request that is asked again after an unusable answer; it also makes the
     request differ from the one already paid for."""
     if kind == "questions":
-        return (f"\n\n(Attempt {attempt + 1}: write exactly {n} questions, one per line, and nothing else.)")
-    return (f"\n\n(Attempt {attempt + 1}: the previous answer did not end with a final answer. End your response "
-            f"with a line that starts with {ANSWER_TAG} followed by the succinct final answer.)")
+        if structured:
+            return (f"\n\n(Attempt {attempt + 1}: reply with the JSON object only, holding {n} questions about the "
+                    "text, each ending with a question mark.)")
+        return (f"\n\n(Attempt {attempt + 1}: write exactly {n} questions, one per line, each ending with a question "
+                "mark, and nothing else.)")
+    if structured:
+        return (f"\n\n(Attempt {attempt + 1}: the previous reply was unusable. Reply with the JSON object only: copy "
+                "each quote word for word from the context, keep the reasoning short, and give the final answer.)")
+    return (f"\n\n(Attempt {attempt + 1}: the previous answer did not end with a final answer. Keep the reasoning "
+            f"short and end your response with a line that starts with {ANSWER_TAG} followed by the succinct final "
+            "answer.)")
+
+
+def structured_note(kind: str, n: int = 0) -> str:
+    """What a request in a structured form adds to the free-text prompt: the fields to fill."""
+    if kind == "questions":
+        return f'\n\nReply with a JSON object {{"questions": [...]}} holding the {n} questions as strings.'
+    return ('\n\nReply with a JSON object instead of free text: "reasoning" is your step-by-step reasoning, "quotes" '
+            "lists the sentences of the context that the answer rests on, copied word for word, and \"answer\" is the "
+            "succinct final answer.")
 
 
 def with_note(messages: list[dict[str, Any]], note: str, *, role: str) -> list[dict[str, Any]]:
@@ -244,4 +303,20 @@ def with_note(messages: list[dict[str, Any]], note: str, *, role: str) -> list[d
             m["content"] = str(m.get("content", "")) + note
             return out
     out.append({"role": role, "content": note.strip()})
+    return out
+
+
+def without_note(messages: list[dict[str, Any]], note: str, *, role: str) -> list[dict[str, Any]]:
+    """The messages ``with_note`` was given back (a copy)."""
+    out = [dict(m) for m in messages]
+    for i in range(len(out) - 1, -1, -1):
+        m = out[i]
+        if m.get("role") != role:
+            continue
+        content = str(m.get("content", ""))
+        if content == note.strip():
+            del out[i]
+        elif content.endswith(note):
+            m["content"] = content[: -len(note)]
+        break
     return out

@@ -1,0 +1,195 @@
+"""Constrained (structured) output for the RAFT job: the JSON schemas of its two chat stages, the
+request parameter that asks a server to enforce them, and RAFT's answer text assembled from the fields.
+
+Servers enforce a schema in one of two dialects of ``response_format``:
+
+- ``json_schema``: ``{"type": "json_schema", "json_schema": {"name", "strict": true, "schema"}}``, OpenAI's
+  Structured Outputs, also taken by Azure OpenAI, vLLM (guided decoding), Ollama, llama.cpp's
+  ``llama-server`` and LM Studio;
+- ``json_object``: ``{"type": "json_object", "schema": {...}}``, the server of ``llama-cpp-python``, which
+  refuses the first dialect (422) and turns the schema into a grammar.
+
+The schemas stay inside what every one of them accepts in strict mode: every property required, no
+other properties, no length or count constraints (the job bounds those itself).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from asyncraft.errors import BadRequest, ProviderError
+
+JSON_SCHEMA = "json_schema"
+JSON_OBJECT = "json_object"
+TAGGED = "tagged"  # today's free-text prompts, parsed for numbered lines and the <ANSWER>: tag
+FORMS = (JSON_SCHEMA, JSON_OBJECT)
+
+QUESTIONS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"questions": {"type": "array", "items": {"type": "string"}}},
+    "required": ["questions"],
+    "additionalProperties": False,
+}
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "reasoning": {"type": "string"},
+        "quotes": {"type": "array", "items": {"type": "string"}},
+        "answer": {"type": "string"},
+    },
+    "required": ["reasoning", "quotes", "answer"],
+    "additionalProperties": False,
+}
+BEGIN_QUOTE = "##begin_quote##"
+END_QUOTE = "##end_quote##"
+
+
+def response_format(form: str, name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    if form == JSON_SCHEMA:
+        return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
+    if form == JSON_OBJECT:
+        return {"type": "json_object", "schema": schema}
+    raise ValueError(f"no response_format for form {form!r}")
+
+
+_REFUSAL_WORDS = ("response_format", "json_schema", "json_object", "schema", "structured", "guided")
+
+
+def is_refusal(exc: ProviderError) -> bool:
+    """Whether a 4xx answer to a request that carried ``response_format`` refuses that parameter.
+
+    Servers say so in their own words ("'response_format' of type 'json_schema' is not supported",
+    "Unrecognized request argument supplied: response_format"); a 422 is a request-body validation
+    error, which is what a server answers for a dialect of the parameter it does not know."""
+    if not isinstance(exc, BadRequest):
+        return False
+    text = str(exc).lower()
+    return exc.status == 422 or any(word in text for word in _REFUSAL_WORDS)
+
+
+def load_object(content: str | None) -> dict[str, Any] | None:
+    """The JSON object of a reply: the whole text, or what a model wrapped in a code fence or
+    between words; None when there is none."""
+    text = (content or "").strip()
+    if not text:
+        return None
+    candidates = [text]
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end and (start, end) != (0, len(text) - 1):
+        candidates.append(text[start:end + 1])
+    for candidate in candidates:
+        try:
+            obj = orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def questions_from(content: str | None) -> list[str] | None:
+    """The question strings of a ``{"questions": [...]}`` reply. A reply cut off by max_tokens
+    keeps its complete strings (the grammar makes the output JSON, but it can still end half-way).
+    None when the reply is no such object at all."""
+    obj = load_object(content)
+    if obj is not None:
+        items = obj.get("questions")
+        if not isinstance(items, list):
+            return None
+        return [q for q in items if isinstance(q, str)]
+    text = content or ""
+    m = re.search(r'"questions"\s*:\s*\[', text)
+    if m is None:
+        return None
+    out: list[str] = []
+    for s in _JSON_STRING.finditer(text, m.end()):
+        try:
+            out.append(orjson.loads(s.group(0)))
+        except orjson.JSONDecodeError:
+            break
+    return out
+
+
+# -- quotes ----------------------------------------------------------------------------------------
+
+_FOLD = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
+                       "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
+                       "\u2013": "-", "\u2014": "-", "\u2212": "-", "\u00a0": " "})
+_EDGE = " \t\n\"'`.,;:!?()[]*\u2026-"
+
+
+def _normalise(text: str) -> tuple[str, list[int]]:
+    """``text`` lower-cased, typographic quotes and dashes folded, every run of whitespace one
+    space; with the index in ``text`` of every character of the result."""
+    out: list[str] = []
+    where: list[int] = []
+    space = True  # drops leading whitespace
+    for i, ch in enumerate(text.translate(_FOLD).lower()):
+        if ch.isspace():
+            if not space:
+                out.append(" ")
+                where.append(i)
+            space = True
+            continue
+        out.append(ch)
+        where.append(i)
+        space = False
+    return "".join(out), where
+
+
+def find_quote(quote: str, context: str) -> str | None:
+    """The span of ``context`` that ``quote`` copies, or None when the context does not hold it.
+
+    Models copy loosely: other quote marks, other spacing, an ellipsis or a full stop at the ends,
+    other case. Those are forgiven; any other difference means the quote is not from the context."""
+    core = quote.strip().translate(_FOLD).strip(_EDGE)
+    if len(core) < 3:
+        return None
+    needle, _ = _normalise(core)
+    hay, where = _normalise(context)
+    at = hay.find(needle)
+    if at < 0:
+        return None
+    return context[where[at]:where[at + len(needle) - 1] + 1]
+
+
+def assemble_answer(obj: dict[str, Any], context: str) -> tuple[str | None, str]:
+    """RAFT's chain-of-thought text from a ``{"reasoning", "quotes", "answer"}`` reply: the
+    reasoning, each quote between ``##begin_quote##`` and ``##end_quote##`` as the context words it,
+    and ``<ANSWER>: answer``. (None, why) when the reply has no final answer or no quote that
+    occurs in the context; quotes the context does not hold are left out."""
+    answer = obj.get("answer")
+    reasoning = obj.get("reasoning")
+    quotes = obj.get("quotes")
+    if not isinstance(answer, str) or not _strip_tag(answer):
+        return None, "no final answer in the JSON reply"
+    if not isinstance(reasoning, str):
+        reasoning = ""
+    found: list[str] = []
+    for q in quotes if isinstance(quotes, list) else []:
+        span = find_quote(q, context) if isinstance(q, str) else None
+        if span is not None and span not in found:
+            found.append(span)
+    if not found:
+        return None, "no quote of the JSON reply occurs in the context"
+    parts = [_clean_markers(reasoning)] if reasoning.strip() else []
+    parts += [f"{BEGIN_QUOTE}{span}{END_QUOTE}" for span in found]
+    parts.append(f"<ANSWER>: {_strip_tag(answer)}")
+    return "\n".join(parts), ""
+
+
+def _strip_tag(answer: str) -> str:
+    # Tagged-prompt habits carried into a field: "<ANSWER>: Paris" is the answer "Paris".
+    return re.sub(r"^\s*<\s*answer\s*>\s*:?", "", answer, flags=re.IGNORECASE).strip()
+
+
+def _clean_markers(reasoning: str) -> str:
+    # The assembled text must hold exactly the markers and the tag that the assembly writes.
+    text = reasoning.replace(BEGIN_QUOTE, "").replace(END_QUOTE, "")
+    return re.sub(r"<\s*answer\s*>\s*:?", "", text, flags=re.IGNORECASE).strip()
