@@ -193,9 +193,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("structured", _choice("auto", "on", "off"), "auto", "raft: constrained output (response_format with a "
            "JSON schema, enforced by the server); auto falls back to free-text prompts when the server refuses or "
            "ignores it, on never does, off uses free-text prompts only", metavar="MODE"),
-    Option("question_tokens", _number(int, 8, 4096), 64, "raft: max_tokens of a question call per question "
+    Option("question_tokens", _number(int, 8, 4096), 40, "raft: max_tokens of a question call per question "
            "asked (the call gets this times --questions); a max_tokens in --extra-body wins", metavar="N"),
-    Option("answer_tokens", _number(int, 16, 100_000), 512, "raft: max_tokens of an answer call; an answer cut off "
+    Option("answer_tokens", _number(int, 16, 100_000), 400, "raft: max_tokens of an answer call; an answer cut off "
            "there is asked again once with twice the room; a max_tokens in --extra-body wins", metavar="N"),
     Option("quality_stop", _number(float, 0.0, 1.0), 0.7, "raft: stop (exit 75) when more than this share of the "
            "first 20 replies of a run is rejected, saying what the model returned (1 = never stop)",
@@ -321,8 +321,8 @@ class Settings:
     max_document_mb: float = 64.0
     answer_retries: int = 2
     structured: str = "auto"
-    question_tokens: int = 64
-    answer_tokens: int = 512
+    question_tokens: int = 40
+    answer_tokens: int = 400
     quality_stop: float = 0.7
     max_records: int = 0
     seed: int = 0

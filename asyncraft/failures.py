@@ -17,11 +17,11 @@ _NUMBER = re.compile(r"\d+")
 class FailureTally:
     """Failure records (``{"k": "fail", ...}``) of one run, grouped by stage and reason."""
 
-    __slots__ = ("_counts", "_examples")
+    __slots__ = ("_counts", "_first")
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
-        self._examples: dict[tuple[str, str], str] = {}
+        self._first: dict[tuple[str, str], tuple[str, str | None]] = {}  # its first message, and reply if any
 
     def add(self, rec: dict[str, Any]) -> None:
         if rec.get("k") != "fail":
@@ -33,10 +33,10 @@ class FailureTally:
         # Messages that differ only in numbers (attempts, token counts) are one reason.
         key = (str(rec.get("stage") or ""), _NUMBER.sub("N", message))
         self._counts[key] += 1
-        if key not in self._examples:
+        if key not in self._first:
             reply = rec.get("message")
             text = reply.get("content") if isinstance(reply, dict) else None
-            self._examples[key] = _excerpt(text if isinstance(text, str) and text.strip() else message)
+            self._first[key] = (message, _excerpt(text) if isinstance(text, str) and text.strip() else None)
 
     def lines(self, limit: int = 10) -> list[str]:
         """One line per reason, the most frequent first."""
@@ -45,8 +45,10 @@ class FailureTally:
             return []
         out = [f"{total} task(s) failed in this run, by reason (the raw replies are in errors.jsonl and "
                "`asyncraft tail --errors`):"]
-        for (stage, reason), n in self._counts.most_common(limit):
-            out.append(f"  {n} x {stage or 'task'}: {reason} - e.g. {self._examples[stage, reason]!r}")
+        for key, n in self._counts.most_common(limit):
+            message, reply = self._first[key]
+            example = f" - the reply was e.g. {reply!r}" if reply is not None else ""
+            out.append(f"  {n} x {key[0] or 'task'}: {message}{example}")
         rest = len(self._counts) - limit
         if rest > 0:
             out.append(f"  ... and {rest} other reason(s)")

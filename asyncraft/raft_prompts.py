@@ -157,10 +157,10 @@ def _load_template(path: str, env: str, default: tuple[tuple[str, str], ...], ne
 
 # -- parsing ---------------------------------------------------------------------------------------
 
-# "1.", "1)", "(1)", "Q1:", "Question 1:", "-", "*", "•", "**1.**", "#", "> " at the start of a line.
+# "1.", "1)", "(1)", "[1]", "Q1:", "Question 1:", "-", "*", "•", "**1.**", "#", "> " at the start of a line.
 _MARKER = re.compile(
     r"^\s*(?:[>#]+\s*)?(?:[-*+\u2022\u2013\u2014]\s+)?(?:\*\*|__)?\s*"
-    r"(?:(?:q(?:uestion)?\s*)?\(?\d{1,3}\s*(?:[.):\]](?!\d)|-\s)|\(?[a-z][.)]\s|q(?:uestion)?\s*\d{0,3}\s*[:.-])?"
+    r"(?:(?:q(?:uestion)?\s*)?[(\[]?\d{1,3}\s*(?:[.):\]](?!\d)|-\s)|\(?[a-z][.)]\s|q(?:uestion)?\s*\d{0,3}\s*[:.-])?"
     r"\s*(?:\*\*|__)?\s*",
     re.IGNORECASE)
 # Words a question can start with when its question mark is missing, in the languages people
@@ -178,7 +178,9 @@ _INTERROGATIVES = frozenset("""
 """.split())
 _QUESTION_MARKS = ("?", "\uff1f", "\u061f", "\u037e")  # ASCII, fullwidth, Arabic, Greek
 _COPY_MIN_WORDS = 4
-DROP_REASONS = ("no letters", "not a question", "copied from the chunk", "duplicate", "beyond the number asked")
+# Longer than any question a user would ask: a model running on (small models do, even under a grammar).
+MAX_QUESTION_WORDS = 40
+MAX_QUESTION_CHARS = 300
 
 
 def clean_question(line: str) -> str:
@@ -197,25 +199,29 @@ def _words(text: str) -> str:
 
 
 def reads_as_question(q: str) -> bool:
-    """Ends with a question mark, or starts with an interrogative (the model forgot the mark)."""
+    """Starts like a sentence, and ends with a question mark or starts with an interrogative (the
+    model forgot the mark)."""
+    if not q or not (q[0].isalnum() or q[0] in "\u00bf\u00a1\"'\u201c\u2018("):
+        return False  # "]}, {'question': ..." is a model writing JSON into a string
     if q.rstrip(" \"'\u201d\u2019)*_").endswith(_QUESTION_MARKS) or q.startswith("\u00bf"):
         return True
     first = q.split(maxsplit=1)[0].lower().strip(",:;\"'\u201c\u2018*_") if q.strip() else ""
     return first.replace("\u2019", "'") in _INTERROGATIVES
 
 
-def select_questions(candidates: Iterable[str], n: int, chunk: str = "") -> tuple[list[str], Counter[str]]:
+def select_questions(candidates: Iterable[str], n: int, source: str = "") -> tuple[list[str], Counter[str]]:
     """At most ``n`` questions from candidate lines or strings, and what was dropped, by reason.
 
     Numbering and bullets are stripped; blank candidates are skipped. A candidate is dropped when it
     has no letters, does not read as a question (so preambles such as "Here are 5 questions:" and
-    statements go too), copies a sentence of the chunk (a statement with a question mark is
-    still a copy), repeats an earlier one (ignoring case and spacing), or comes after the first
-    ``n`` (the first ones are usually the best)."""
+    statements go too), is longer than any question (``MAX_QUESTION_WORDS``), copies a sentence of
+    ``source`` (the chunk, and the prompt with its example questions; a statement with a question
+    mark is still a copy), repeats an earlier one (ignoring case and spacing), or comes after the
+    first ``n`` (the first ones are usually the best)."""
     seen: set[str] = set()
     out: list[str] = []
     dropped: Counter[str] = Counter()
-    chunk_words = f" {_words(chunk)} " if chunk else ""
+    source_words = f" {_words(source)} " if source else ""
     for raw in candidates:
         if not raw.strip():
             continue
@@ -225,8 +231,10 @@ def select_questions(candidates: Iterable[str], n: int, chunk: str = "") -> tupl
             dropped["no letters"] += 1
         elif not reads_as_question(q):
             dropped["not a question"] += 1
-        elif chunk_words and len(key.split()) >= _COPY_MIN_WORDS and f" {key} " in chunk_words:
-            dropped["copied from the chunk"] += 1
+        elif len(q) > MAX_QUESTION_CHARS or len(q.split()) > MAX_QUESTION_WORDS:
+            dropped["too long"] += 1
+        elif source_words and len(key.split()) >= _COPY_MIN_WORDS and f" {key} " in source_words:
+            dropped["copied"] += 1
         elif key in seen:
             dropped["duplicate"] += 1
         else:
@@ -238,9 +246,9 @@ def select_questions(candidates: Iterable[str], n: int, chunk: str = "") -> tupl
     return out, dropped
 
 
-def parse_questions(content: str | None, n: int, chunk: str = "") -> tuple[list[str], Counter[str]]:
+def parse_questions(content: str | None, n: int, source: str = "") -> tuple[list[str], Counter[str]]:
     """The questions of a free-text question-generation reply, one per line (see ``select_questions``)."""
-    return select_questions((content or "").splitlines(), n, chunk)
+    return select_questions((content or "").splitlines(), n, source)
 
 
 _TAG = re.compile(r"<\s*answer\s*>\s*:?", re.IGNORECASE)

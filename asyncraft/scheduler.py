@@ -146,7 +146,7 @@ class Scheduler:
         self._limit_waiters: set[asyncio.Task[Any]] = set()
         self.budget = budget or Budget()
         self._job_limit: Callable[[], str | None] | None = getattr(job, "limit_reached", None)
-        self._job_refused: Callable[[Task, ProviderError], Task | None] | None = getattr(job, "request_refused", None)
+        self._job_call_failed: Callable[[Task, ProviderError], Task | None] | None = getattr(job, "call_failed", None)
         self._has_limits = self.budget.capped or self._job_limit is not None
         # Tokens of earlier runs of this state dir: the caps count the whole state dir.
         self.tokens_before = (int(recovered.counters.get("prompt_tokens", 0)),
@@ -413,17 +413,17 @@ class Scheduler:
                 completion = await self._call(slot, task)
             except ProviderError as exc:
                 self.stats.calls[_outcome_name(exc)] += 1
+                instead = self._job_call_failed(task, exc) if self._job_call_failed is not None else None
+                if instead is not None:
+                    # The job asks again in a form this server takes; the refused request is not recorded.
+                    self.children.append(instead)
+                    self._wake.set()
+                    return False
                 action = classify(exc)
                 if action is Action.FATAL:
                     self.fatal_error(exc)
                     return False
                 if action is Action.FAIL_TASK:
-                    instead = self._job_refused(task, exc) if self._job_refused is not None else None
-                    if instead is not None:
-                        # The job asks again in a form this server takes; the refused request is not recorded.
-                        self.children.append(instead)
-                        self._wake.set()
-                        return False
                     await self._record_fail(task, exc)
                     return False
                 attempt += 1

@@ -9,16 +9,16 @@ Servers enforce a schema in one of two dialects of ``response_format``:
 - ``json_object``: ``{"type": "json_object", "schema": {...}}``, the server of ``llama-cpp-python``, which
   refuses the first dialect (422) and turns the schema into a grammar.
 
-The schemas stay inside what every one of them accepts in strict mode: every property required, no
-other properties, no length or count constraints (the job bounds those itself).
+The schemas use what OpenAI's strict mode accepts and the others enforce: every property required,
+no other properties, ``minItems``/``maxItems``, ``pattern`` and ``enum`` (no string lengths: the
+job bounds those with max_tokens).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
-
-import orjson
 
 from asyncraft.errors import BadRequest, ProviderError
 
@@ -27,22 +27,37 @@ JSON_OBJECT = "json_object"
 TAGGED = "tagged"  # today's free-text prompts, parsed for numbered lines and the <ANSWER>: tag
 FORMS = (JSON_SCHEMA, JSON_OBJECT)
 
-QUESTIONS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"questions": {"type": "array", "items": {"type": "string"}}},
-    "required": ["questions"],
-    "additionalProperties": False,
-}
-ANSWER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "reasoning": {"type": "string"},
-        "quotes": {"type": "array", "items": {"type": "string"}},
-        "answer": {"type": "string"},
-    },
-    "required": ["reasoning", "quotes", "answer"],
-    "additionalProperties": False,
-}
+# A question is one line ending with a question mark, without double quotes or backslashes: some
+# servers apply the pattern to the JSON text of the string, where those would break the JSON.
+QUESTION_PATTERN = r'^[^"\\\n?]+[?]$'
+# Quotes are constrained to the context's own sentences when the list is small enough for every
+# server's limits on enum values (OpenAI: some hundreds of values, some thousands of characters).
+MAX_ENUM_SENTENCES = 64
+MAX_ENUM_CHARS = 8000
+
+
+def questions_schema(n: int) -> dict[str, Any]:
+    """``{"questions": [...]}``: 1 to ``n`` one-line questions."""
+    item = {"type": "string", "pattern": QUESTION_PATTERN}
+    return {"type": "object",
+            "properties": {"questions": {"type": "array", "items": item, "minItems": 1, "maxItems": n}},
+            "required": ["questions"], "additionalProperties": False}
+
+
+def answer_schema(sentences: list[str]) -> dict[str, Any]:
+    """``{"reasoning", "quotes", "answer"}``, with at least one quote; each quote one of the
+    context's ``sentences`` when they are few enough (a constrained decoder then copies them
+    exactly), any string otherwise (checked against the context afterwards)."""
+    quote: dict[str, Any] = {"type": "string"}
+    if 0 < len(sentences) <= MAX_ENUM_SENTENCES and sum(map(len, sentences)) <= MAX_ENUM_CHARS:
+        quote["enum"] = sentences
+    return {"type": "object",
+            "properties": {"reasoning": {"type": "string"},
+                           "quotes": {"type": "array", "items": quote, "minItems": 1},
+                           "answer": {"type": "string"}},
+            "required": ["reasoning", "quotes", "answer"], "additionalProperties": False}
+
+
 BEGIN_QUOTE = "##begin_quote##"
 END_QUOTE = "##end_quote##"
 
@@ -55,24 +70,33 @@ def response_format(form: str, name: str, schema: dict[str, Any]) -> dict[str, A
     raise ValueError(f"no response_format for form {form!r}")
 
 
-_REFUSAL_WORDS = ("response_format", "json_schema", "json_object", "schema", "structured", "guided")
+_REFUSAL_WORDS = ("response_format", "json_schema", "json_object", "structured output", "guided")
 
 
 def is_refusal(exc: ProviderError) -> bool:
-    """Whether a 4xx answer to a request that carried ``response_format`` refuses that parameter.
+    """Whether an error answer to a request that carried ``response_format`` refuses that parameter.
 
-    Servers say so in their own words ("'response_format' of type 'json_schema' is not supported",
-    "Unrecognized request argument supplied: response_format"); a 422 is a request-body validation
-    error, which is what a server answers for a dialect of the parameter it does not know."""
-    if not isinstance(exc, BadRequest):
+    Servers say so in their own words and statuses: "'response_format' of type 'json_schema' is not
+    supported" (400), "Unrecognized request argument supplied: response_format" (400), a 422 that
+    validates the request body, or llama-cpp-python's 500 that wraps that validation error. A
+    bare 422 is a refusal too: it is what a server answers for a dialect it does not know."""
+    if exc.status is None or exc.status == 429 or exc.status < 400:
         return False
     text = str(exc).lower()
-    return exc.status == 422 or any(word in text for word in _REFUSAL_WORDS)
+    return (isinstance(exc, BadRequest) and exc.status == 422) or any(word in text for word in _REFUSAL_WORDS)
+
+
+def looks_like_json(content: str | None) -> bool:
+    """Whether a reply is an attempt at a JSON object (valid or not), as opposed to free text: a
+    server that ignores ``response_format`` answers free text."""
+    text = (content or "").lstrip()
+    return text.startswith(("{", "```"))
 
 
 def load_object(content: str | None) -> dict[str, Any] | None:
     """The JSON object of a reply: the whole text, or what a model wrapped in a code fence or
-    between words; None when there is none."""
+    between words; None when there is none. Raw line breaks inside strings are forgiven: grammars
+    that llama.cpp builds from a schema let them through."""
     text = (content or "").strip()
     if not text:
         return None
@@ -82,8 +106,8 @@ def load_object(content: str | None) -> dict[str, Any] | None:
         candidates.append(text[start:end + 1])
     for candidate in candidates:
         try:
-            obj = orjson.loads(candidate)
-        except orjson.JSONDecodeError:
+            obj = json.loads(candidate, strict=False)
+        except ValueError:
             continue
         if isinstance(obj, dict):
             return obj
@@ -110,8 +134,8 @@ def questions_from(content: str | None) -> list[str] | None:
     out: list[str] = []
     for s in _JSON_STRING.finditer(text, m.end()):
         try:
-            out.append(orjson.loads(s.group(0)))
-        except orjson.JSONDecodeError:
+            out.append(json.loads(s.group(0), strict=False))
+        except ValueError:
             break
     return out
 
@@ -167,7 +191,7 @@ def assemble_answer(obj: dict[str, Any], context: str) -> tuple[str | None, str]
     answer = obj.get("answer")
     reasoning = obj.get("reasoning")
     quotes = obj.get("quotes")
-    if not isinstance(answer, str) or not _strip_tag(answer):
+    if not isinstance(answer, str) or not any(ch.isalnum() for ch in _strip_tag(answer)):
         return None, "no final answer in the JSON reply"
     if not isinstance(reasoning, str):
         reasoning = ""

@@ -364,12 +364,12 @@ def test_questions_spawn_answers_and_retries_are_bounded(tmp_path: Path) -> None
     ok = job.handle(t, _completion("Because.\n<ANSWER>: Fresnel"))
     assert ok.result == {"message": {"content": "Because.\n<ANSWER>: Fresnel"}}
     # Every request is bounded; an answer cut off there is asked again once, with twice the room.
-    assert answer.body["max_tokens"] == 512 and task.body["max_tokens"] == 2 * 64
+    assert answer.body["max_tokens"] == 400 and task.body["max_tokens"] == 2 * 40
     truncated = job.handle(answer, _completion("Because.\n<ANSWER>: Fres", "length"))
     assert truncated.retry is not None and "cut off" in truncated.retry_reason
-    assert truncated.retry.body["max_tokens"] == 1024
+    assert truncated.retry.body["max_tokens"] == 800
     again = job.handle(truncated.retry, _completion("Because, as said at length", "length"))
-    assert again.fail is not None and "max_tokens=1024" in again.fail and again.retry is None
+    assert again.fail is not None and "max_tokens=800" in again.fail and again.retry is None
     empty = job.handle(task, _completion("Sure! Here are the questions:"))
     assert empty.retry is not None and empty.retry.body != task.body
 

@@ -18,8 +18,8 @@ never pays for a call again; adding a document only creates tasks for that docum
 Every chat request carries a ``max_tokens`` sized to its stage, and asks, where the server offers
 it, for constrained output (``structured``): a JSON object whose fields the job checks and turns
 into the same RAFT text as the free-text ("tagged") prompts. The form a server takes is learned
-during the run (a refusal of ``response_format`` is a 4xx the scheduler hands to
-``request_refused``; a reply that is not JSON shows a server that ignores it) and kept in the meta
+during the run (a refusal of ``response_format`` is an error answer the scheduler shows
+``call_failed``; a reply that is not JSON shows a server that ignores it) and kept in the meta
 of every chat task, so a resumed run replays it from the question records and asks in that form
 from the start. Every reply is judged; when most of the first replies of a run are rejected, or the
 server returns empty replies, ``limit_reached`` stops the run with what the model returned.
@@ -76,7 +76,6 @@ EMPTY_STOP = 3
 # An attempt record with this reason tells a resumed run that the server ignores response_format.
 IGNORED = "the server ignored response_format (the reply is not JSON); asked again with free-text prompts"
 _NOTE_ROLE = {STAGE_QUESTIONS: "system", STAGE_ANSWERS: "user"}
-_SCHEMA = {STAGE_QUESTIONS: structured.QUESTIONS_SCHEMA, STAGE_ANSWERS: structured.ANSWER_SCHEMA}
 _FORM_ORDER = (JSON_SCHEMA, JSON_OBJECT, TAGGED)  # what auto tries, in order
 
 _D = Settings  # the defaults live in one place: the settings
@@ -269,11 +268,20 @@ class RaftJob:
         return self._make(task.stage, self._first_messages(task), task.meta, task.meta.get("form", TAGGED), paid,
                           task.private, task_id=task.id)
 
-    def request_refused(self, task: Task, exc: ProviderError) -> Task | None:
-        """The scheduler's question for a request the server refused (4xx): the same request in a form
-        the server may take, or None to record the task as failed. A request for constrained output
-        that the server refuses is asked again in the next form (``json_schema``, then ``json_object``,
-        then free text with ``--structured auto``); the run goes on in that form."""
+    def call_failed(self, task: Task, exc: ProviderError) -> Task | None:
+        """The scheduler shows the job every error answer before deciding what to do with it.
+
+        A request for constrained output that the server refuses is answered with the same request
+        in the next form (``json_schema``, then ``json_object``, then free text with ``--structured
+        auto``): the scheduler queues that one instead, and the run goes on in that form. A server
+        that cannot do what the run needs (embeddings, or constrained output with ``--structured on``)
+        stops the run (``limit_reached``) instead of failing or retrying every task. Otherwise None:
+        the scheduler retries or fails the task as usual."""
+        if task.stage == STAGE_EMBED:
+            if exc.status not in (None, 429) and "embedding" in str(exc).lower():
+                self._stop = (f"the server does not serve embeddings ({exc}); --chunker semantic needs one that "
+                              "does (llama.cpp: start it with --embedding true) or use --chunker simple")
+            return None
         form = task.meta.get("form")
         if form not in FORMS or not structured.is_refusal(exc):
             return None
@@ -284,7 +292,7 @@ class RaftJob:
             return None
         if _FORM_ORDER.index(nxt) > _FORM_ORDER.index(self.form):
             log.warning("the server refuses response_format of type %s (%s); asking with %s from now on", form,
-                        exc, "free-text prompts" if nxt == TAGGED else f"type {nxt}")
+                        " ".join(str(exc).split())[:300], "free-text prompts" if nxt == TAGGED else f"type {nxt}")
         self._learn(nxt)
         return self._make(task.stage, self._first_messages(task), task.meta, self.form, 0, task.private)
 
@@ -338,13 +346,13 @@ class RaftJob:
               private: Any = None, *, task_id: str | None = None) -> Task:
         """A chat task from its free-text messages: in ``form``, for ``attempt``. Its id is that of
         attempt 0 (every attempt is the same task); a task in another form is another task."""
-        first = self._body(stage, messages, form, 0)
+        first = self._body(stage, messages, form, 0, private)
         if task_id is None:
             task_id = content_id(stage, PROMPT_VERSION, first)
-        body = first if attempt == 0 else self._body(stage, messages, form, attempt)
+        body = first if attempt == 0 else self._body(stage, messages, form, attempt, private)
         return Task(task_id, stage, body, {**meta, "form": form}, "chat", attempt, private)
 
-    def _body(self, stage: str, messages: list[dict[str, Any]], form: str, attempt: int) -> dict[str, Any]:
+    def _body(self, stage: str, messages: list[dict[str, Any]], form: str, attempt: int, chunk: Any) -> dict[str, Any]:
         role = _NOTE_ROLE[stage]
         n = self.params.questions
         if form in FORMS:
@@ -355,8 +363,15 @@ class RaftJob:
         if self._user_bound is None:
             body["max_tokens"] = self._bound(stage) * (2 if attempt > 0 else 1)
         if form in FORMS:
-            body["response_format"] = structured.response_format(form, stage, _SCHEMA[stage])
+            schema = (structured.questions_schema(n) if stage == STAGE_QUESTIONS
+                      else structured.answer_schema(self._sentences(chunk if isinstance(chunk, str) else "")))
+            body["response_format"] = structured.response_format(form, stage, schema)
         return body
+
+    def _sentences(self, chunk: str) -> list[str]:
+        """The chunk's sentences, each once: what a structured answer may quote."""
+        out = (chunk[a:b].strip() for a, b in chunking.sentences(chunk, self.params.chunk_size))
+        return list(dict.fromkeys(x for x in out if x))
 
     def _bound(self, stage: str) -> int:
         if stage == STAGE_QUESTIONS:
@@ -414,10 +429,12 @@ class RaftJob:
         if self._judged < QUALITY_WINDOW:
             self._judged += 1
 
-    def _not_json(self, task: Task, completion: Completion) -> Outcome:
+    def _not_json(self, task: Task, completion: Completion, text: str) -> Outcome:
         """A reply to a structured request that holds no JSON object."""
         if completion.finish_reason == "length":
             return self._reject(task, "reply cut off by max_tokens", completion, cut=True)
+        if structured.looks_like_json(text):
+            return self._reject(task, "reply is not valid JSON", completion)
         if self.params.structured != "auto":
             return self._reject(task, "reply is not JSON (does the server ignore response_format? try --structured "
                                       "off)", completion)
@@ -455,12 +472,14 @@ class RaftJob:
         if task.meta.get("form", TAGGED) in FORMS:
             candidates = structured.questions_from(text)  # complete strings only, when cut off
             if candidates is None:
-                return self._not_json(task, completion)
+                return self._not_json(task, completion, text)
         else:
             candidates = text.splitlines()
             if cut and len(candidates) > 1:
                 candidates.pop()  # cut off by max_tokens: the last line may be half a question
-        questions, dropped = select_questions(candidates, self.params.questions, chunk)
+        # A copy of the chunk or of the prompt (its example questions) is no question of the model's.
+        prompt = "\n".join(str(m.get("content", "")) for m in task.body["messages"] if m.get("role") != "user")
+        questions, dropped = select_questions(candidates, self.params.questions, f"{chunk}\n{prompt}")
         if not questions:
             why = "no questions in the reply" + (" (cut off by max_tokens)" if cut else "")
             return self._reject(task, why, completion, cut=cut)
@@ -478,7 +497,7 @@ class RaftJob:
         if task.meta.get("form", TAGGED) in FORMS:
             obj = structured.load_object(text)
             if obj is None:
-                return self._not_json(task, completion)
+                return self._not_json(task, completion, text)
             cot, why = structured.assemble_answer(obj, task.private if isinstance(task.private, str) else "")
         else:
             cot, why = parse_answer(text)
