@@ -98,6 +98,9 @@ class Prompts:
     answers: tuple[tuple[str, str], ...]
     style: str
     digest: str  # hash of both templates: part of the fingerprint
+    # Runs of words of the answer instructions (the template without its question and context, and the
+    # notes the job adds), to see a reply that repeats the prompt instead of answering it.
+    answer_shingles: frozenset[tuple[str, ...]] = frozenset()
 
     @classmethod
     def build(cls, style: str = "gpt", question_file: str | None = None, answer_file: str | None = None) -> Prompts:
@@ -113,7 +116,10 @@ class Prompts:
         if answer_file:
             answers = _load_template(answer_file, "ASYNCRAFT_ANSWER_TEMPLATE", answers, ("{question}",), ("{context}",))
         digest = hashlib.blake2b(orjson.dumps([questions, answers]), digest_size=8).hexdigest()
-        return cls(questions, answers, style, digest)
+        instructions = [re.sub(r"\{(?:question|context)\}", "\n", c) for _, c in answers]
+        instructions += [structured_note("answers"), retry_note("answers", 0),
+                         retry_note("answers", 0, structured=True)]
+        return cls(questions, answers, style, digest, frozenset().union(*map(_shingles, instructions)))
 
     def question_messages(self, chunk: str, n: int) -> Messages:
         values = {"chunk": chunk, "n": str(n)}
@@ -122,6 +128,22 @@ class Prompts:
     def answer_messages(self, question: str, context: str) -> Messages:
         values = {"question": question, "context": context}
         return [{"role": r, "content": _fill(c, values)} for r, c in self.answers]
+
+    def repeats_instructions(self, reply: str) -> bool:
+        """Whether most of a reply is the answer prompt's own instructions (small and base models
+        echo their prompt, tags included). A good answer may borrow a phrase of the example, not
+        the bulk of the instructions."""
+        runs = _shingles(reply)
+        return bool(runs) and len(runs & self.answer_shingles) > ECHO_SHARE * len(runs)
+
+
+SHINGLE_WORDS = 5
+ECHO_SHARE = 0.4
+
+
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = _words(text).split()
+    return {tuple(words[i:i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
 
 
 def _load_template(path: str, env: str, default: tuple[tuple[str, str], ...], need_any: tuple[str, ...],
@@ -163,18 +185,23 @@ _MARKER = re.compile(
     r"(?:(?:q(?:uestion)?\s*)?[(\[]?\d{1,3}\s*(?:[.):\]](?!\d)|-\s)|\(?[a-z][.)]\s|q(?:uestion)?\s*\d{0,3}\s*[:.-])?"
     r"\s*(?:\*\*|__)?\s*",
     re.IGNORECASE)
-# Words a question can start with when its question mark is missing, in the languages people
-# write prompts in most (a question with its mark is a question in any language).
+# How a question starts when the model forgot its question mark. In English an auxiliary first ("Is
+# the lens French"), or a question word before one ("Why do tides vary", "Which lens was first"):
+# "When the dough rises, ..." and "How a bicycle stays upright" (a heading) are no questions.
+_AUXILIARIES = frozenset("""
+    is are was were am do does did can could should would will shall may might must has have had
+    isn't aren't wasn't weren't don't doesn't didn't can't couldn't shouldn't wouldn't won't hasn't haven't
+""".split())
+_WH = frozenset("what which who whom whose when where why how".split())
+_HOW_MUCH = frozenset("many much long far often old big large high deep".split())
+# Other languages: their question words alone (a question with its mark is a question in any language).
 _INTERROGATIVES = frozenset("""
-    what which who whom whose when where why how is are was were am do does did can could should would will
-    shall may might must has have had isn't aren't wasn't weren't don't doesn't didn't can't couldn't
-    shouldn't wouldn't won't hasn't haven't
     qui que quoi quel quelle quels quelles quand où pourquoi comment combien est-ce
     wer wen wem wessen wann wo warum wieso weshalb wie welche welcher welches welchen wohin woher
     qué quién quiénes cuál cuáles cuándo dónde cómo cuánto cuánta cuántos cuántas
     chi cosa quale quali quando dove perché quanto quanta quanti quante
-    quem quais onde porque quanto quantos
-    wat wie welke wanneer waar waarom hoe
+    quem quais onde porque quantos
+    wat welke wanneer waar waarom hoe
 """.split())
 _QUESTION_MARKS = ("?", "\uff1f", "\u061f", "\u037e")  # ASCII, fullwidth, Arabic, Greek
 _COPY_MIN_WORDS = 4
@@ -199,14 +226,25 @@ def _words(text: str) -> str:
 
 
 def reads_as_question(q: str) -> bool:
-    """Starts like a sentence, and ends with a question mark or starts with an interrogative (the
-    model forgot the mark)."""
+    """Starts like a sentence, and ends with a question mark, or starts the way a question does
+    and does not end like a statement (the model forgot the mark)."""
     if not q or not (q[0].isalnum() or q[0] in "\u00bf\u00a1\"'\u201c\u2018("):
         return False  # "]}, {'question': ..." is a model writing JSON into a string
-    if q.rstrip(" \"'\u201d\u2019)*_").endswith(_QUESTION_MARKS) or q.startswith("\u00bf"):
+    end = q.rstrip(" \"'\u201d\u2019)*_")
+    if end.endswith(_QUESTION_MARKS) or q.startswith("\u00bf"):
         return True
-    first = q.split(maxsplit=1)[0].lower().strip(",:;\"'\u201c\u2018*_") if q.strip() else ""
-    return first.replace("\u2019", "'") in _INTERROGATIVES
+    if end.endswith((".", "!", ":", ";")):
+        return False
+    words = [w.lower().strip(",:;\"'\u201c\u2018*_").replace("\u2019", "'") for w in q.split()[:3]]
+    first, rest = words[0], words[1:]
+    if first in _AUXILIARIES:
+        return True
+    if first in _WH:
+        if first == "how" and rest and rest[0] in _HOW_MUCH:
+            return True
+        # "Why do ...", and "Which lens was ..." (what, which and whose take a noun first).
+        return any(w in _AUXILIARIES for w in (rest if first in ("what", "which", "whose") else rest[:1]))
+    return first in _INTERROGATIVES
 
 
 def select_questions(candidates: Iterable[str], n: int, source: str = "") -> tuple[list[str], Counter[str]]:

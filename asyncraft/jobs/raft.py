@@ -494,6 +494,8 @@ class RaftJob:
     def _handle_answer(self, task: Task, completion: Completion, text: str) -> Outcome:
         if completion.finish_reason == "length":
             return self._reject(task, "answer cut off by max_tokens", completion, cut=True)
+        if self.prompts.repeats_instructions(text):
+            return self._reject(task, "the reply repeats the prompt's instructions", completion)
         if task.meta.get("form", TAGGED) in FORMS:
             obj = structured.load_object(text)
             if obj is None:
