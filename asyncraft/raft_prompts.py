@@ -231,12 +231,14 @@ def reads_as_question(q: str) -> bool:
     if not q or not (q[0].isalnum() or q[0] in "\u00bf\u00a1\"'\u201c\u2018("):
         return False  # "]}, {'question': ..." is a model writing JSON into a string
     end = q.rstrip(" \"'\u201d\u2019)*_")
-    if end.endswith(_QUESTION_MARKS) or q.startswith("\u00bf"):
-        return True
-    if end.endswith((".", "!", ":", ";")):
-        return False
     words = [w.lower().strip(",:;\"'\u201c\u2018*_").replace("\u2019", "'") for w in q.split()[:3]]
     first, rest = words[0], words[1:]
+    if q[0].islower() and first not in _AUXILIARIES and first not in _WH and first not in _INTERROGATIVES:
+        return False  # the rest of a sentence broken across lines: "a link to your article and ... century?"
+    if end.endswith(_QUESTION_MARKS) or q.startswith("\u00bf"):
+        return True
+    if end.endswith((".", "!", ":", ";")) or "?" in q or re.search(r"[.!:;]\s", q):
+        return False  # ends like a statement, or holds one: "can move easily on its own. If it was"
     if first in _AUXILIARIES:
         return True
     if first in _WH:
@@ -292,6 +294,11 @@ def parse_questions(content: str | None, n: int, source: str = "") -> tuple[list
 _TAG = re.compile(r"<\s*answer\s*>\s*:?", re.IGNORECASE)
 
 
+def is_placeholder(final: str) -> bool:
+    """A final answer that is the prompt's placeholder ("$answer", "{ANSWER}") or no answer at all."""
+    return not any(ch.isalnum() for ch in final) or re.sub(r"[\W_]+", "", final).lower() == "answer"
+
+
 def parse_answer(content: str | None) -> tuple[str | None, str]:
     """(the chain-of-thought answer with its tag written as ``<ANSWER>:``, the final answer), or
     (None, why) when there is no usable final answer."""
@@ -303,7 +310,7 @@ def parse_answer(content: str | None) -> tuple[str | None, str]:
         return None, f"no {ANSWER_TAG} tag"
     last = matches[-1]
     final = text[last.end():].strip()
-    if not final:
+    if is_placeholder(final):
         return None, f"nothing after {ANSWER_TAG}"
     normalised = text[: last.start()] + ANSWER_TAG + " " + final
     return normalised, final

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from asyncraft.errors import BadRequest, ProviderError
+from asyncraft.raft_prompts import is_placeholder
 
 JSON_SCHEMA = "json_schema"
 JSON_OBJECT = "json_object"
@@ -170,17 +171,19 @@ def _normalise(text: str) -> tuple[str, list[int]]:
 def find_quote(quote: str, context: str) -> str | None:
     """The span of ``context`` that ``quote`` copies, or None when the context does not hold it.
 
-    Models copy loosely: other quote marks, other spacing, an ellipsis or a full stop at the ends,
-    other case. Those are forgiven; any other difference means the quote is not from the context."""
-    core = quote.strip().translate(_FOLD).strip(_EDGE)
-    if len(core) < 3:
-        return None
-    needle, _ = _normalise(core)
+    Models copy loosely: other quote marks, other spacing, other case, an ellipsis or stray
+    punctuation at the ends. Those are forgiven; any other difference means the quote is not
+    from the context."""
     hay, where = _normalise(context)
-    at = hay.find(needle)
-    if at < 0:
-        return None
-    return context[where[at]:where[at + len(needle) - 1] + 1]
+    trimmed = quote.strip().translate(_FOLD)
+    for core in (trimmed.removesuffix("...").removesuffix("\u2026").strip(), trimmed.strip(_EDGE)):
+        if len(core) < 3:
+            continue
+        needle, _ = _normalise(core)
+        at = hay.find(needle)
+        if at >= 0:
+            return context[where[at]:where[at + len(needle) - 1] + 1]
+    return None
 
 
 def assemble_answer(obj: dict[str, Any], context: str) -> tuple[str | None, str]:
@@ -191,15 +194,17 @@ def assemble_answer(obj: dict[str, Any], context: str) -> tuple[str | None, str]
     answer = obj.get("answer")
     reasoning = obj.get("reasoning")
     quotes = obj.get("quotes")
-    if not isinstance(answer, str) or not any(ch.isalnum() for ch in _strip_tag(answer)):
+    if not isinstance(answer, str) or is_placeholder(_strip_tag(answer)):
         return None, "no final answer in the JSON reply"
     if not isinstance(reasoning, str):
         reasoning = ""
     found: list[str] = []
     for q in quotes if isinstance(quotes, list) else []:
         span = find_quote(q, context) if isinstance(q, str) else None
-        if span is not None and span not in found:
-            found.append(span)
+        if span is None or any(span in f for f in found):
+            continue
+        found = [f for f in found if f not in span]  # a longer copy of the same words replaces a shorter one
+        found.append(span)
     if not found:
         return None, "no quote of the JSON reply occurs in the context"
     parts = [_clean_markers(reasoning)] if reasoning.strip() else []

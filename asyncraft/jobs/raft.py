@@ -475,7 +475,7 @@ class RaftJob:
                 return self._not_json(task, completion, text)
         else:
             candidates = text.splitlines()
-            if cut and len(candidates) > 1:
+            if cut and candidates:
                 candidates.pop()  # cut off by max_tokens: the last line may be half a question
         # A copy of the chunk or of the prompt (its example questions) is no question of the model's.
         prompt = "\n".join(str(m.get("content", "")) for m in task.body["messages"] if m.get("role") != "user")
