@@ -31,8 +31,8 @@ FORMS = (JSON_SCHEMA, JSON_OBJECT)
 # A question is one line ending with a question mark, without double quotes or backslashes: some
 # servers apply the pattern to the JSON text of the string, where those would break the JSON.
 QUESTION_PATTERN = r'^[^"\\\n?]+[?]$'
-# Quotes are constrained to the context's own sentences when the list is small enough for every
-# server's limits on enum values (OpenAI: some hundreds of values, some thousands of characters).
+# Quotes are constrained to the context's own sentences (for llama.cpp's grammars) when the list
+# is small enough to keep the grammar small.
 MAX_ENUM_SENTENCES = 64
 MAX_ENUM_CHARS = 8000
 

@@ -116,16 +116,19 @@ class CountingProxy:
 
     def _serve(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        started.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/v1/{tail:.*}", self._forward)
         self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
+        await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
+        await site.start()
         self.port = self._runner.addresses[0][1]
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        started.set()
-        self._loop.run_forever()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -160,6 +163,7 @@ class CountingProxy:
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
+        self._loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -216,17 +220,18 @@ def test_semantic_chunker_with_per_token_embeddings(tmp_path_factory: pytest.Tem
     server = LlamaServer(model, tmp_path_factory.mktemp("embed") / "server.log", "--embedding", "true")
     try:
         env = cli_env(None, ASYNCRAFT_BASE_URL=server.base_url, ASYNCRAFT_MODEL="smollm2-135m-instruct",
-                      ASYNCRAFT_EMBEDDING_MODEL="smollm2-135m-instruct", ASYNCRAFT_STRUCTURED="off")
+                      ASYNCRAFT_EMBEDDING_MODEL="smollm2-135m-instruct")
         state = tmp_path / "state"
         shutil.copytree(ROOT / "tests" / "data" / "state-per-token-v1", state)
-        # Only the embeddings stage runs: the chat stage of an embedding-mode server is not the point here.
+        # The embeddings are the point here: the run stops at its first record, with few calls in flight.
         res = run_cli("run", "--job", "raft", "--chunker", "semantic", "--input", str(DOCS), "--state-dir",
-                      str(state), "--max-records", "1", env=env, timeout=1800)
+                      str(state), "--max-records", "1", "--concurrency", "2", env=env, timeout=1800)
+        assert res.returncode in (0, 75) and "Traceback" not in res.stderr, res.stderr
         embeds = [r for r in journal(state) if r.get("stage") == "embed"]
-        assert embeds and all(r["k"] == "done" and r["chunks"] for r in embeds), res.stderr
+        assert len(embeds) == 5 and all(r["k"] == "done" and r["chunks"] for r in embeds), res.stderr
         assert "mean-pools" in res.stderr
-        assert sum(len(r["chunks"]) for r in embeds) >= 5
-        assert "Traceback" not in res.stderr
+        assert sum(len(r["chunks"]) for r in embeds) > 5
+        assert any(r.get("stage") == "questions" and r.get("k") == "done" for r in journal(state))
     finally:
         server.close()
 

@@ -363,8 +363,14 @@ class RaftJob:
         if self._user_bound is None:
             body["max_tokens"] = self._bound(stage) * (2 if attempt > 0 else 1)
         if form in FORMS:
-            schema = (structured.questions_schema(n) if stage == STAGE_QUESTIONS
-                      else structured.answer_schema(self._sentences(chunk if isinstance(chunk, str) else "")))
+            if stage == STAGE_QUESTIONS:
+                schema = structured.questions_schema(n)
+            else:
+                # llama.cpp builds a grammar for every request anyway, so there the quotes can be held to
+                # the chunk's sentences. OpenAI (the other dialect) processes every new schema at length
+                # before answering and caches it: one schema for the whole run.
+                quotable = chunk if form == JSON_OBJECT and isinstance(chunk, str) else ""
+                schema = structured.answer_schema(self._sentences(quotable))
             body["response_format"] = structured.response_format(form, stage, schema)
         return body
 
