@@ -198,7 +198,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("answer_tokens", _number(int, 16, 100_000), 400, "raft: max_tokens of an answer call; an answer cut off "
            "there is asked again once with twice the room; a max_tokens in --extra-body wins", metavar="N"),
     Option("quality_stop", _number(float, 0.0, 1.0), 0.7, "raft: stop (exit 75) when more than this share of the "
-           "first 20 replies of a run is rejected, saying what the model returned (1 = never stop)",
+           "first 20 answers (or question replies) of a run is rejected, saying what the model returned (1 = never "
+           "stop)",
            metavar="SHARE"),
     Option("max_records", _number(int, 0), 0, "raft: stop cleanly (exit 75) once the state dir holds this many "
            "records; raise it and run again to continue (0 = no cap)", metavar="N"),

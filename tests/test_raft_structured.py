@@ -91,8 +91,10 @@ def test_a_refused_form_is_asked_again_in_the_next_one_and_the_run_goes_on_in_it
     assert third is not None and "response_format" not in third.body and job.form == "tagged"
     fresh_job, fresh = job_at(tmp_path, structured="off")
     assert third.id == fresh.id and third.body == fresh.body  # the same request as a run with --structured off
-    # New tasks are made in the learned form; other errors are the scheduler's business.
+    # New tasks are made in the learned form, and one queued before is remade before its call.
     assert job.question_task("Another chunk.", {}).meta["form"] == "tagged"
+    assert job.refresh(task) == third and job.refresh(third) is third
+    # Other errors are the scheduler's business.
     assert job.call_failed(task, ServerError("HTTP 500: overloaded", status=500)) is None
     assert job.call_failed(task, RateLimited("HTTP 429: slow down response_format", status=429)) is None
     assert job.call_failed(third, openai) is None  # free text refused: the task fails as any 400
@@ -298,7 +300,7 @@ def test_the_quality_stop_fires_on_mostly_rejected_replies_and_says_what_came_ba
         assert job.limit_reached() is None, i
     job.handle(answer, bad)  # 15 of the first 20 rejected: over 70 %
     message = job.limit_reached() or ""
-    assert message.startswith("quality stop: 15 of the first 20 replies were rejected (no <ANSWER>: tag: 15)")
+    assert message.startswith("quality stop: 15 of the first 20 answers were rejected (no <ANSWER>: tag: 15)")
     assert "I like it very much" in message and "--structured on" in message and "--quality-stop 1" in message
     # Only the first replies of a run count, and 1 never stops.
     late, _ = job_at(tmp_path, structured="off")

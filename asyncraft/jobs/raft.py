@@ -143,10 +143,10 @@ class RaftJob:
         self._replayed_questions: list[dict[str, Any]] = []
         self._records_before: set[int] = set()
         self.records_new = 0
-        # The judgement of this run's first replies (the early quality stop).
-        self._judged = 0
-        self._rejected: Counter[str] = Counter()
-        self._examples: dict[str, str] = {}
+        # The judgement of this run's first replies of each chat stage (the early quality stop).
+        self._judged: Counter[str] = Counter()
+        self._rejected: dict[str, Counter[str]] = {STAGE_QUESTIONS: Counter(), STAGE_ANSWERS: Counter()}
+        self._examples: dict[str, str] = {}  # a reply for each reason
         self._empty_zero = 0
         self._had_text = False
         self._stop: str | None = None
@@ -253,10 +253,10 @@ class RaftJob:
         if limit and have >= limit:
             return (f"record limit reached: {have:,} records of ASYNCRAFT_MAX_RECORDS={limit:,}; raise it and run "
                     "the same command again to continue")
-        rejected = self._rejected.total()
-        if rejected > self.params.quality_stop * QUALITY_WINDOW:
-            self._stop = self._quality_message(rejected)
-            return self._stop
+        for stage, rejected in self._rejected.items():
+            if rejected.total() > self.params.quality_stop * QUALITY_WINDOW:
+                self._stop = self._quality_message(stage)
+                return self._stop
         return None
 
     def retry_task(self, task: Task, paid: int) -> Task:
@@ -294,6 +294,15 @@ class RaftJob:
             log.warning("the server refuses response_format of type %s (%s); asking with %s from now on", form,
                         " ".join(str(exc).split())[:300], "free-text prompts" if nxt == TAGGED else f"type {nxt}")
         self._learn(nxt)
+        return self._make(task.stage, self._first_messages(task), task.meta, self.form, 0, task.private)
+
+    def refresh(self, task: Task) -> Task:
+        """The scheduler's look before a call: a chat task made before the run learned the form the
+        server takes (it was queued) is made again in that form, so no request in a form the server
+        refuses or ignores is sent once the run knows."""
+        form = task.meta.get("form")
+        if form is None or form == self.form:
+            return task
         return self._make(task.stage, self._first_messages(task), task.meta, self.form, 0, task.private)
 
     def handle(self, task: Task, completion: Completion) -> Outcome:
@@ -417,9 +426,9 @@ class RaftJob:
     def _reject(self, task: Task, why: str, completion: Completion, *, cut: bool = False) -> Outcome:
         """A paid reply that cannot be used: ask again (bounded; a reply cut off by max_tokens once,
         with twice the room), then set the task aside as failed. The record keeps the raw reply."""
-        if task.stage != STAGE_EMBED and self._judged < QUALITY_WINDOW:
-            self._judged += 1
-            self._rejected[why] += 1
+        if task.stage != STAGE_EMBED and self._judged[task.stage] < QUALITY_WINDOW:
+            self._judged[task.stage] += 1
+            self._rejected[task.stage][why] += 1
             self._examples.setdefault(why, validate.chat_text(completion.message) or "")
         attempts = task.attempt + 1
         if cut and (task.attempt > 0 or self._user_bound is not None):
@@ -431,9 +440,9 @@ class RaftJob:
         self._settled.add(task.id)
         return Outcome(fail=f"{why} (after {attempts} attempt(s))")
 
-    def _accept(self) -> None:
-        if self._judged < QUALITY_WINDOW:
-            self._judged += 1
+    def _accept(self, stage: str) -> None:
+        if self._judged[stage] < QUALITY_WINDOW:
+            self._judged[stage] += 1
 
     def _not_json(self, task: Task, completion: Completion, text: str) -> Outcome:
         """A reply to a structured request that holds no JSON object."""
@@ -489,7 +498,7 @@ class RaftJob:
         if not questions:
             why = "no questions in the reply" + (" (cut off by max_tokens)" if cut else "")
             return self._reject(task, why, completion, cut=cut)
-        self._accept()
+        self._accept(task.stage)
         self._settled.add(task.id)
         # "message" is what `asyncraft tail` shows; the children are built from "questions".
         result: dict[str, Any] = {"questions": questions, "message": {"content": "\n".join(questions)}}
@@ -511,15 +520,17 @@ class RaftJob:
             cot, why = parse_answer(text)
         if cot is None:
             return self._reject(task, why, completion)
-        self._accept()
+        self._accept(task.stage)
         self.records_new += 1
         return Outcome(result={"message": {"content": cot}})
 
-    def _quality_message(self, rejected: int) -> str:
-        why, n = self._rejected.most_common(1)[0]
+    def _quality_message(self, stage: str) -> str:
+        rejected = self._rejected[stage]
+        why, _ = rejected.most_common(1)[0]
         example = " ".join(self._examples.get(why, "").split())
         example = (example[:200] + "...") if len(example) > 200 else example
-        reasons = "; ".join(f"{k}: {v}" for k, v in self._rejected.most_common())
+        reasons = "; ".join(f"{k}: {v}" for k, v in rejected.most_common())
+        replies = "answers" if stage == STAGE_ANSWERS else "question replies"
         hints = ["an instruct (chat) model"]
         if self.form == TAGGED:
             if self.params.structured == "off":
@@ -527,8 +538,9 @@ class RaftJob:
             hints.append("--prompt-style " + ("llama" if self.params.prompt_style == "gpt" else "gpt"))
         else:
             hints.append("--structured off")
-        return (f"quality stop: {rejected} of the first {self._judged} replies were rejected ({reasons}); the model "
-                f"returned, for example: {example!r}. Try {', '.join(hints)}, or --quality-stop 1 to go on anyway")
+        return (f"quality stop: {rejected.total()} of the first {self._judged[stage]} {replies} were rejected "
+                f"({reasons}); the model returned, for example: {example!r}. Try {', '.join(hints)}, or "
+                "--quality-stop 1 to go on anyway")
 
 
 def _problem(p: documents.DocProblem) -> InputProblem:
