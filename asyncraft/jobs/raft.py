@@ -19,8 +19,9 @@ Every chat request carries a ``max_tokens`` sized to its stage, and asks, where 
 it, for constrained output (``structured``): a JSON object whose fields the job checks and turns
 into the same RAFT text as the free-text ("tagged") prompts. The form a server takes is learned
 during the run (a refusal of ``response_format`` is an error answer the scheduler shows
-``call_failed``; a reply that is not JSON shows a server that ignores it) and kept in the meta
-of every chat task, so a resumed run replays it from the question records and asks in that form
+``call_failed``; a reply that is not JSON shows a server that ignores it); tasks queued before are
+made again in that form just before their call (``refresh``). The form is kept in the meta of
+every chat task, so a resumed run replays it from the question records and asks in that form
 from the start. Every reply is judged; when most of the first replies of a run are rejected, or the
 server returns empty replies, ``limit_reached`` stops the run with what the model returned.
 
