@@ -83,8 +83,14 @@ def is_refusal(exc: ProviderError) -> bool:
     bare 422 is a refusal too: it is what a server answers for a dialect it does not know."""
     if exc.status is None or exc.status == 429 or exc.status < 400:
         return False
-    text = str(exc).lower()
-    return (isinstance(exc, BadRequest) and exc.status == 422) or any(word in text for word in _REFUSAL_WORDS)
+    said = server_said(exc).lower()
+    return (isinstance(exc, BadRequest) and exc.status == 422) or any(word in said for word in _REFUSAL_WORDS)
+
+
+def server_said(exc: ProviderError) -> str:
+    """The server's own message of an error answer ("HTTP 400 from URL [code]: message"), without
+    the URL, whose host or path may hold any word."""
+    return str(exc).partition(": ")[2]
 
 
 def looks_like_json(content: str | None) -> bool:

@@ -96,6 +96,8 @@ def test_a_refused_form_is_asked_again_in_the_next_one_and_the_run_goes_on_in_it
     assert job.refresh(task) == third and job.refresh(third) is third
     # Other errors are the scheduler's business.
     assert job.call_failed(task, ServerError("HTTP 500: overloaded", status=500)) is None
+    assert job.call_failed(task, ServerError("HTTP 500 from http://structured-output.example/v1: down",
+                                             status=500)) is None
     assert job.call_failed(task, RateLimited("HTTP 429: slow down response_format", status=429)) is None
     assert job.call_failed(third, openai) is None  # free text refused: the task fails as any 400
     assert job.limit_reached() is None

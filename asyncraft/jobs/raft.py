@@ -279,7 +279,7 @@ class RaftJob:
         stops the run (``limit_reached``) instead of failing or retrying every task. Otherwise None:
         the scheduler retries or fails the task as usual."""
         if task.stage == STAGE_EMBED:
-            if exc.status not in (None, 429) and "embedding" in str(exc).lower():
+            if exc.status not in (None, 429) and "embedding" in structured.server_said(exc).lower():
                 self._stop = (f"the server does not serve embeddings ({exc}); --chunker semantic needs one that "
                               "does (llama.cpp: start it with --embedding true) or use --chunker simple")
             return None
