@@ -25,7 +25,7 @@ from asyncraft.raft_prompts import is_placeholder
 
 JSON_SCHEMA = "json_schema"
 JSON_OBJECT = "json_object"
-TAGGED = "tagged"  # today's free-text prompts, parsed for numbered lines and the <ANSWER>: tag
+TAGGED = "tagged"  # the free-text prompts, parsed for question lines and the <ANSWER>: tag
 FORMS = (JSON_SCHEMA, JSON_OBJECT)
 
 # A question is one line ending with a question mark, without double quotes or backslashes: some
