@@ -36,6 +36,7 @@ from asyncraft.errors import (
     StorageIOError,
 )
 from asyncraft.failpoints import Failpoints
+from asyncraft.failures import FailureTally
 from asyncraft.jobs.base import Job, Task
 from asyncraft.journal import Journal
 from asyncraft.limits import Limits
@@ -125,6 +126,7 @@ class Runner:
         self._signals = 0
         self._grace_handle: asyncio.TimerHandle | None = None
         self._people_file_failed = False
+        self.failures = FailureTally()
 
     async def main(self) -> int:
         s = self.settings
@@ -287,6 +289,8 @@ class Runner:
 
     def _verdict(self, sched: Scheduler, journal: Journal, elapsed: float) -> int:
         st = sched.stats
+        for line in self.failures.lines():
+            log.warning("%s", line)
         summary = (f"{len(sched.done)} done, {len(sched.failed)} failed, {st.input_problems} input problems; "
                    f"this run: {st.done} done in {elapsed:.1f}s, {st.calls.total()} calls, "
                    f"{st.prompt_tokens}+{st.completion_tokens} tokens")
@@ -331,6 +335,7 @@ class Runner:
             await journal.append(job.position_record(pos))  # type: ignore[attr-defined]
 
     async def _append_error(self, rec: dict[str, Any]) -> None:
+        self.failures.add(rec)
         try:
             async with aiofiles.open(self.sd.errors_path, "ab") as fh:
                 await fh.write(orjson.dumps(_problem_line(rec)) + b"\n")
@@ -398,7 +403,7 @@ def _tune_gc() -> None:
 
 def _problem_line(rec: dict[str, Any]) -> dict[str, Any]:
     """errors.jsonl line for an input problem or a failed task."""
-    keep = ("k", "key", "line", "custom_id", "path", "id", "stage", "msg", "error", "text", "seq")
+    keep = ("k", "key", "line", "custom_id", "path", "id", "stage", "msg", "error", "message", "text", "seq")
     return {k: rec[k] for k in keep if k in rec}
 
 

@@ -144,7 +144,7 @@ def segments(spans: Sequence[tuple[int, int]], size_tokens: int) -> list[tuple[i
 
 
 def _cosine_distance(a: Sequence[float], b: Sequence[float]) -> float:
-    dot = math.fsum(x * y for x, y in zip(a, b, strict=False))
+    dot = math.fsum(x * y for x, y in zip(a, b, strict=True))
     na = math.sqrt(math.fsum(x * x for x in a))
     nb = math.sqrt(math.fsum(y * y for y in b))
     if na == 0 or nb == 0:

@@ -187,8 +187,20 @@ OPTIONS: tuple[Option, ...] = (
            metavar="FIELD"),
     Option("max_document_mb", _number(float, 0.001), 64.0, "raft: larger documents are recorded in errors.jsonl "
            "and skipped", metavar="MB"),
-    Option("answer_retries", _number(int, 0, 20), 2, "raft: paid retries of an answer without <ANSWER>: (or of a "
-           "question call without questions) before it is set aside as failed with its raw text", metavar="N"),
+    Option("answer_retries", _number(int, 0, 20), 2, "raft: paid retries of a reply the job cannot use (an answer "
+           "without a final answer or a quote, a question call without questions, a malformed response) before it is "
+           "set aside as failed with its raw text", metavar="N"),
+    Option("structured", _choice("auto", "on", "off"), "auto", "raft: constrained output (response_format with a "
+           "JSON schema, enforced by the server); auto falls back to free-text prompts when the server refuses or "
+           "ignores it, on never does, off uses free-text prompts only", metavar="MODE"),
+    Option("question_tokens", _number(int, 8, 4096), 40, "raft: max_tokens of a question call per question "
+           "asked (the call gets this times --questions); a max_tokens in --extra-body wins", metavar="N"),
+    Option("answer_tokens", _number(int, 16, 100_000), 400, "raft: max_tokens of an answer call; an answer cut off "
+           "there is asked again once with twice the room; a max_tokens in --extra-body wins", metavar="N"),
+    Option("quality_stop", _number(float, 0.0, 1.0), 0.7, "raft: stop (exit 75) when more than this share of the "
+           "first 20 answers (or question replies) of a run is rejected, saying what the model returned (1 = never "
+           "stop)",
+           metavar="SHARE"),
     Option("max_records", _number(int, 0), 0, "raft: stop cleanly (exit 75) once the state dir holds this many "
            "records; raise it and run again to continue (0 = no cap)", metavar="N"),
     Option("seed", _number(int, 0), 0, "raft: seed of the distractor sampling and of export --split",
@@ -309,6 +321,10 @@ class Settings:
     json_text_field: str = "text"
     max_document_mb: float = 64.0
     answer_retries: int = 2
+    structured: str = "auto"
+    question_tokens: int = 40
+    answer_tokens: int = 400
+    quality_stop: float = 0.7
     max_records: int = 0
     seed: int = 0
     split: str = ""

@@ -146,6 +146,8 @@ class Scheduler:
         self._limit_waiters: set[asyncio.Task[Any]] = set()
         self.budget = budget or Budget()
         self._job_limit: Callable[[], str | None] | None = getattr(job, "limit_reached", None)
+        self._job_call_failed: Callable[[Task, ProviderError], Task | None] | None = getattr(job, "call_failed", None)
+        self._job_refresh: Callable[[Task], Task] | None = getattr(job, "refresh", None)
         self._has_limits = self.budget.capped or self._job_limit is not None
         # Tokens of earlier runs of this state dir: the caps count the whole state dir.
         self.tokens_before = (int(recovered.counters.get("prompt_tokens", 0)),
@@ -397,6 +399,8 @@ class Scheduler:
         while self.stopping is None:
             if self._check_limits():
                 return False
+            if self._job_refresh is not None:
+                task = self._job_refresh(task)  # what the job learned since it made the task (e.g. a form)
             estimate = estimate_request_tokens(task.body, self.output_estimate) if limits.counts_tokens else 0
             if not limits.free():
                 me = asyncio.current_task()
@@ -412,6 +416,12 @@ class Scheduler:
                 completion = await self._call(slot, task)
             except ProviderError as exc:
                 self.stats.calls[_outcome_name(exc)] += 1
+                instead = self._job_call_failed(task, exc) if self._job_call_failed is not None else None
+                if instead is not None:
+                    # The job asks again in a form this server takes; the refused request is not recorded.
+                    self.children.append(instead)
+                    self._wake.set()
+                    return False
                 action = classify(exc)
                 if action is Action.FATAL:
                     self.fatal_error(exc)

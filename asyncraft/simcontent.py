@@ -4,10 +4,13 @@ Plain requests get a short canned answer. Requests that look like the RAFT promp
 of the right shape, so the RAFT job can be run end to end without a model: a question-generation
 prompt ("generate N ... questions") gets N numbered questions drawn from the chunk, and an answer
 prompt (one that mentions ``##begin_quote##``) gets reasoning that quotes the best-matching
-sentence of the context and ends with ``<ANSWER>: ...``.
+sentence of the context and ends with ``<ANSWER>: ...``. A request with a ``response_format`` schema
+(either dialect) gets a JSON object of that schema, as a server that enforces it would answer: the
+RAFT job's ``{"questions"}`` and ``{"reasoning", "quotes", "answer"}`` with the same content, any
+other schema with placeholder values.
 
 Markers in a prompt let tests ask for misbehaviour: ``[[sim:bad-request]]`` is refused with 400,
-``[[sim:no-answer-tag]]`` makes an answer without ``<ANSWER>:``.
+``[[sim:no-answer-tag]]`` makes an answer without ``<ANSWER>:`` (an empty ``answer`` field in JSON).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import hashlib
 import math
 import re
 from typing import Any
+
+import orjson
 
 BAD_REQUEST_MARKER = "[[sim:bad-request]]"
 NO_ANSWER_TAG_MARKER = "[[sim:no-answer-tag]]"
@@ -46,11 +51,30 @@ def prompt_text(body: dict[str, Any]) -> str:
     return "\n".join(message_text(m) for m in body.get("messages") or ())
 
 
+def requested_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a request asks the server to enforce, in either dialect of ``response_format``."""
+    rf = body.get("response_format")
+    if not isinstance(rf, dict):
+        return None
+    schema = rf.get("json_schema", {}).get("schema") if rf.get("type") == "json_schema" else rf.get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
 def chat_reply(body: dict[str, Any]) -> str:
     messages = body.get("messages") or []
     text = prompt_text(body)
     last_user = next((message_text(m) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
                      text)
+    schema = requested_schema(body)
+    props = schema.get("properties") if schema is not None else None
+    if isinstance(props, dict):
+        if "##begin_quote##" in text and {"quotes", "answer"} <= props.keys():
+            return orjson.dumps(_raft_answer_fields(text, last_user)).decode()
+        m = _QUESTIONS.search(text)
+        if m and "questions" in props:
+            return orjson.dumps({"questions": _raft_question_list(int(m.group(1)), last_user)}).decode()
+        return orjson.dumps({k: [] if v.get("type") == "array" else "simulated" for k, v in props.items()
+                             if isinstance(v, dict)}).decode()
     if "##begin_quote##" in text:
         return _raft_answer(text, last_user)
     m = _QUESTIONS.search(text)
@@ -66,16 +90,20 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if len(s.split()) >= 4]
 
 
-def _raft_questions(n: int, chunk: str) -> str:
+def _raft_question_list(n: int, chunk: str) -> list[str]:
     sents = _sentences(chunk) or [chunk.strip() or "this text"]
-    lines = []
+    out = []
     for i in range(max(1, n)):
         s = sents[i % len(sents)]
         phrase = " ".join(s.rstrip(".!?").split()[:8])
         lead = ("What does the text say about", "According to the passage, what is meant by",
                 "Why does the document mention", "How is the following described:")[i % 4]
-        lines.append(f"{i + 1}. {lead} \"{phrase}\"?")
-    return "\n".join(lines)
+        out.append(f"{lead} \"{phrase}\"?")
+    return out
+
+
+def _raft_questions(n: int, chunk: str) -> str:
+    return "\n".join(f"{i + 1}. {q}" for i, q in enumerate(_raft_question_list(n, chunk)))
 
 
 def _field(text: str, name: str, stop: str | None) -> str:
@@ -87,18 +115,29 @@ def _field(text: str, name: str, stop: str | None) -> str:
     return text[start:end if end >= 0 else len(text)].strip()
 
 
-def _raft_answer(text: str, last_user: str) -> str:
+def _best_sentence(text: str, last_user: str) -> tuple[str, str, str]:
+    """(question, the context sentence sharing most words with it, a short answer from it)."""
     question = _field(last_user, "Question:", "\n") or _field(text, "Question:", "\n")
     context = _field(last_user, "Context:", "Answer this question") or last_user
     sents = _sentences(context) or [context.strip()]
     qwords = set(_WORD.findall(question.lower()))
     best = max(sents, key=lambda s: (len(qwords & set(_WORD.findall(s.lower()))), -sents.index(s)))
-    answer = " ".join(best.rstrip(".!?").split()[:12])
+    return question, best, " ".join(best.rstrip(".!?").split()[:12])
+
+
+def _raft_answer(text: str, last_user: str) -> str:
+    question, best, answer = _best_sentence(text, last_user)
     reason = (f"##Reason: The question asks {question!r}. The context states ##begin_quote## {best} "
               "##end_quote##, which answers it directly.")
     if NO_ANSWER_TAG_MARKER in text:
         return reason + f" So the answer is {answer}."
     return f"{reason}\n<ANSWER>: {answer}"
+
+
+def _raft_answer_fields(text: str, last_user: str) -> dict[str, Any]:
+    question, best, answer = _best_sentence(text, last_user)
+    return {"reasoning": f"The question asks {question!r}, and one sentence of the context answers it directly.",
+            "quotes": [best], "answer": "" if NO_ANSWER_TAG_MARKER in text else answer}
 
 
 def embed(text: str, dim: int) -> list[float]:

@@ -135,13 +135,17 @@ def _describe(rec: dict[str, Any]) -> str:
         text = " ".join(str(text).split())
         return (f"{head} {rec.get('stage', ''):<10} {tid}  {where}  {usage.get('prompt_tokens', 0)}+"
                 f"{usage.get('completion_tokens', 0)} tok  {text[:80]!r}")
+    # A rejected or failed reply's raw text is what tells why: shown after the reason.
+    reply = rec.get("message")
+    raw = reply.get("content") if isinstance(reply, dict) else None
+    said = f"  {' '.join(raw.split())[:200]!r}" if isinstance(raw, str) else ""
     if kind == "fail":
         err = rec.get("error") or {}
-        return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  {err.get('type')}: {err.get('message')}"
+        return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  {err.get('type')}: {err.get('message')}{said}"
     if kind == "ierr":
         return f"{head} {rec.get('msg')}"
     if kind == "attempt":
-        return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  retry {rec.get('n')}: {rec.get('why')}"
+        return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  retry {rec.get('n')}: {rec.get('why')}{said}"
     rest = {k: v for k, v in rec.items() if k not in ("k", "seq", "c")}
     return f"{head} {orjson.dumps(rest).decode()[:160]}"
 

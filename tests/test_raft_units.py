@@ -231,10 +231,10 @@ def test_parse_questions_drops_blanks_duplicates_preambles_and_extra() -> None:
                "4. ???\n5. Who decoded the bee dance?\n6. When did Fresnel design the lens?\n")
     qs, dropped = parse_questions(content, 3)
     assert qs == ["What is a tide?", "Why do tides vary?", "Who decoded the bee dance?"]
-    assert dropped == 4  # preamble, duplicate, no letters, one too many
-    assert parse_questions("Just one question here?", 5) == (["Just one question here?"], 0)  # too few is fine
-    assert parse_questions("", 5) == ([], 0)
-    assert parse_questions(None, 5) == ([], 0)
+    assert dropped == {"not a question": 1, "duplicate": 1, "no letters": 1, "beyond the number asked": 1}
+    assert parse_questions("Just one question here?", 5) == (["Just one question here?"], {})  # too few is fine
+    assert parse_questions("", 5) == ([], {})
+    assert parse_questions(None, 5) == ([], {})
     assert parse_questions("\n \n- \n", 5)[0] == []
 
 
@@ -336,13 +336,13 @@ def test_task_ids_are_content_hashes_of_every_generation_parameter(tmp_path: Pat
 def test_questions_spawn_answers_and_retries_are_bounded(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("The Fresnel lens bends light toward the horizon. It was designed in 1822.",
                                     encoding="utf-8")
-    job = _job(tmp_path, questions=2, answer_retries=2)
+    job = _job(tmp_path, questions=2, answer_retries=2, structured="off")
     (task,) = [t for t in job.roots() if isinstance(t, Task)]
     assert task.stage == STAGE_QUESTIONS and task.meta["source"] == "a.txt" and task.meta["chunk_index"] == 0
     out = job.handle(task, _completion("1. Who designed it?\n2. When?\n3. Why?"))
     assert out.result is not None and out.result["questions"] == ["Who designed it?", "When?"]
     assert [c.stage for c in out.children] == [STAGE_ANSWERS] * 2
-    assert out.children[0].meta == {"parent": task.id, "q": 0, "question": "Who designed it?"}
+    assert out.children[0].meta == {"parent": task.id, "q": 0, "question": "Who designed it?", "form": "tagged"}
     # A question list cut off by max_tokens loses its last (maybe half) question.
     cut = job.handle(task, _completion("1. Who designed it?\n2. When was it desig", "length"))
     assert cut.result is not None and cut.result["questions"] == ["Who designed it?"]
@@ -363,20 +363,25 @@ def test_questions_spawn_answers_and_retries_are_bounded(tmp_path: Path) -> None
     assert final.fail is not None and "after 3 attempt(s)" in final.fail
     ok = job.handle(t, _completion("Because.\n<ANSWER>: Fresnel"))
     assert ok.result == {"message": {"content": "Because.\n<ANSWER>: Fresnel"}}
+    # Every request is bounded; an answer cut off there is asked again once, with twice the room.
+    assert answer.body["max_tokens"] == 400 and task.body["max_tokens"] == 2 * 40
     truncated = job.handle(answer, _completion("Because.\n<ANSWER>: Fres", "length"))
     assert truncated.retry is not None and "cut off" in truncated.retry_reason
+    assert truncated.retry.body["max_tokens"] == 800
+    again = job.handle(truncated.retry, _completion("Because, as said at length", "length"))
+    assert again.fail is not None and "max_tokens=800" in again.fail and again.retry is None
     empty = job.handle(task, _completion("Sure! Here are the questions:"))
     assert empty.retry is not None and empty.retry.body != task.body
 
 
 def test_recovery_rebuilds_children_without_new_calls(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("Tides follow the Moon. Spring tides are large.", encoding="utf-8")
-    job = _job(tmp_path, questions=2, max_records=2)
+    job = _job(tmp_path, questions=2, max_records=2, structured="off")
     (task,) = [t for t in job.roots() if isinstance(t, Task)]
     out = job.handle(task, _completion("1. What do tides follow?\n2. Which tides are large?"))
     assert out.result is not None
     record = {"k": "done", "id": task.id, "stage": task.stage, **task.meta, **out.result}
-    fresh = _job(tmp_path, questions=2, max_records=2)
+    fresh = _job(tmp_path, questions=2, max_records=2, structured="off")
     assert fresh.wants("done", STAGE_QUESTIONS) and not fresh.wants("done", STAGE_ANSWERS)
     fresh.replay(record)
     from asyncraft.records import id_key

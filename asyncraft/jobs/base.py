@@ -17,6 +17,9 @@ class Task:
     meta: dict[str, Any] = field(default_factory=dict)  # small, copied into the record
     endpoint: str = "chat"  # "chat" or "embed"
     attempt: int = 0  # job-level attempts already paid for (answers that failed to parse)
+    # The job's own, neither sent nor journaled: e.g. the chunk an answer's quotes are checked against
+    # (the body holds it inside a prompt, and a record must not hold it once per question).
+    private: Any = None
 
 
 @dataclass(slots=True)

@@ -30,6 +30,8 @@ from asyncraft.records import content_id, id_key
 
 log = logging.getLogger("asyncraft")
 
+log = logging.getLogger("asyncraft")
+
 STAGE = "prompts"
 UTF8_BOM = b"\xef\xbb\xbf"
 _DROP = ("stream", "stream_options")  # the engine reads whole responses
@@ -87,6 +89,7 @@ class PromptsJob:
         self.extra_body = dict(extra_body)
         self._start: InputPosition | None = None
         self.tracker: InputTracker | None = None
+        self._unbounded_warned = False
 
     def fingerprint(self) -> dict[str, Any]:
         return {"job": self.name, "model": self.model, "extra_body": self.extra_body}
@@ -194,6 +197,12 @@ class PromptsJob:
         elif not isinstance(body.get("model"), str) or not body["model"]:
             return InputProblem(key, f"line {lineno}: no model: set ASYNCRAFT_MODEL or give \"model\" in the line",
                                 {"line": lineno, "text": excerpt})
+        if not self._unbounded_warned and "max_tokens" not in body and "max_completion_tokens" not in body:
+            # Said once: a model that does not stop generates up to its context limit on every such line.
+            self._unbounded_warned = True
+            log.warning("line %d (and maybe others) sets no max_tokens: a model that does not stop runs to its "
+                        "context limit on such a line; set max_tokens in the lines or with --extra-body "
+                        "'{\"max_tokens\": 1024}'", lineno)
         meta: dict[str, Any] = {"line": lineno}
         if custom_id is not None:
             meta["custom_id"] = str(custom_id)

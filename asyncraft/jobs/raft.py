@@ -2,7 +2,7 @@
 
 Stages are tasks with content-hashed ids (``records.content_id`` over the stage, the prompt
 version and the exact request body, which holds the chunk or question text, the model, the
-templates, the number of questions and every extra body parameter):
+templates, the number of questions, max_tokens, the response format and every extra body parameter):
 
 - ``embed`` (``--chunker semantic`` only): one ``/v1/embeddings`` call per segment of a document;
   its done record holds the chunks cut from it, and its children are their question tasks.
@@ -14,6 +14,16 @@ templates, the number of questions and every extra body parameter):
 Because a done record holds everything its children are built from, recovery rebuilds the
 children of finished parents from the journal (``wants``/``replay``/``recovered_children``) and
 never pays for a call again; adding a document only creates tasks for that document's chunks.
+
+Every chat request carries a ``max_tokens`` sized to its stage, and asks, where the server offers
+it, for constrained output (``structured``): a JSON object whose fields the job checks and turns
+into the same RAFT text as the free-text ("tagged") prompts. The form a server takes is learned
+during the run (a refusal of ``response_format`` is an error answer the scheduler shows
+``call_failed``; a reply that is not JSON shows a server that ignores it); tasks queued before are
+made again in that form just before their call (``refresh``). The form is kept in the meta of
+every chat task, so a resumed run replays it from the question records and asks in that form
+from the start. Every reply is judged; when most of the first replies of a run are rejected, or the
+server returns empty replies, ``limit_reached`` stops the run with what the model returned.
 
 Assembly happens at export, from the journal, not at answer time. A record's distractors are
 drawn from every chunk the state dir knows, with a random generator seeded from the record id
@@ -29,18 +39,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from asyncraft import chunking, documents
+from asyncraft import chunking, documents, structured, validate
 from asyncraft.config import Settings
-from asyncraft.errors import ConfigError
+from asyncraft.errors import ConfigError, ProviderError
 from asyncraft.jobs.base import InputProblem, Outcome, Task
 from asyncraft.provider import Completion
-from asyncraft.raft_prompts import PROMPT_VERSION, Prompts, parse_answer, parse_questions, retry_note, with_note
+from asyncraft.raft_prompts import (
+    PROMPT_VERSION,
+    Prompts,
+    parse_answer,
+    retry_note,
+    select_questions,
+    structured_note,
+    with_note,
+    without_note,
+)
 from asyncraft.records import content_id, id_key
+from asyncraft.structured import FORMS, JSON_OBJECT, JSON_SCHEMA, TAGGED
 
 log = logging.getLogger("asyncraft")
 
@@ -49,6 +70,14 @@ STAGE_QUESTIONS = "questions"
 STAGE_ANSWERS = "answers"
 RECORD_TYPE = "general"  # raft.py's type for documents that are not API docs
 
+# The early quality stop judges this many replies at the start of each run.
+QUALITY_WINDOW = 20
+# Empty replies with zero completion tokens, before any reply with text, that stop the run.
+EMPTY_STOP = 3
+# An attempt record with this reason tells a resumed run that the server ignores response_format.
+IGNORED = "the server ignored response_format (the reply is not JSON); asked again with free-text prompts"
+_NOTE_ROLE = {STAGE_QUESTIONS: "system", STAGE_ANSWERS: "user"}
+_FORM_ORDER = (JSON_SCHEMA, JSON_OBJECT, TAGGED)  # what auto tries, in order
 
 _D = Settings  # the defaults live in one place: the settings
 
@@ -72,6 +101,10 @@ class RaftParams:
     json_text_field: str = _D.json_text_field
     max_document_mb: float = _D.max_document_mb
     answer_retries: int = _D.answer_retries
+    structured: str = _D.structured
+    question_tokens: int = _D.question_tokens
+    answer_tokens: int = _D.answer_tokens
+    quality_stop: float = _D.quality_stop
     max_records: int = _D.max_records
     seed: int = _D.seed
 
@@ -96,7 +129,14 @@ class RaftJob:
         self.params = params
         if params.chunk_overlap * 2 > params.chunk_size:
             raise ConfigError("ASYNCRAFT_CHUNK_OVERLAP must be at most half of ASYNCRAFT_CHUNK_SIZE")
+        if "response_format" in params.extra_body and params.structured != "off":
+            raise ConfigError("ASYNCRAFT_EXTRA_BODY sets response_format, which the raft job sets itself: remove it, "
+                              "or pass --structured off to send yours with the free-text prompts")
         self.prompts = Prompts.build(params.prompt_style, params.question_template, params.answer_template)
+        # The form chat requests are made in now: learned during the run and from replayed records.
+        self.form = TAGGED if params.structured == "off" else JSON_SCHEMA
+        # A max_tokens of the user's wins, and is never raised on a retry.
+        self._user_bound = next((k for k in ("max_tokens", "max_completion_tokens") if k in params.extra_body), None)
         # Settled root tasks (done or failed), so a watch-mode rescan skips unchanged documents.
         self._settled: set[str] = set()
         self._files: dict[str, tuple[tuple[int, int], list[str]]] = {}
@@ -104,6 +144,14 @@ class RaftJob:
         self._replayed_questions: list[dict[str, Any]] = []
         self._records_before: set[int] = set()
         self.records_new = 0
+        # The judgement of this run's first replies of each chat stage (the early quality stop).
+        self._judged: Counter[str] = Counter()
+        self._rejected: dict[str, Counter[str]] = {STAGE_QUESTIONS: Counter(), STAGE_ANSWERS: Counter()}
+        self._examples: dict[str, str] = {}  # a reply for each reason
+        self._empty_zero = 0
+        self._had_text = False
+        self._stop: str | None = None
+        self._pooled_noted = False
 
     # -- protocol ----------------------------------------------------------------------------------
 
@@ -113,7 +161,8 @@ class RaftJob:
             "job": self.name, "prompt_version": PROMPT_VERSION, "questions": p.questions, "chunker": p.chunker,
             "chunk_size": p.chunk_size, "chunk_overlap": p.chunk_overlap, "prompt_style": p.prompt_style,
             "prompts": self.prompts.digest, "json_text_field": p.json_text_field,
-            "distractors": p.distractors, "p": p.p, "seed": p.seed,
+            "distractors": p.distractors, "p": p.p, "seed": p.seed, "structured": p.structured,
+            "question_tokens": p.question_tokens, "answer_tokens": p.answer_tokens,
         }
         if p.chunker == "semantic":
             fp["embedding_model"] = p.embedding_model
@@ -153,18 +202,28 @@ class RaftJob:
                         "(--distractors); add documents or lower --chunk-size", chunks, self.params.distractors)
 
     def wants(self, kind: str, stage: str) -> bool:
+        if kind == "attempt":
+            return stage in (STAGE_QUESTIONS, STAGE_ANSWERS)  # to see a server that ignores response_format
         return kind in ("done", "fail") and stage in (STAGE_EMBED, STAGE_QUESTIONS)
 
     def replay(self, record: dict[str, Any]) -> None:
         tid = record.get("id")
         if not isinstance(tid, str):
             return
-        self._settled.add(tid)
-        if record.get("k") != "done":
+        kind, stage = record.get("k"), record.get("stage")
+        if kind == "attempt":
+            if record.get("why") == IGNORED:
+                self._learn(TAGGED)
             return
-        if record.get("stage") == STAGE_EMBED:
+        self._settled.add(tid)
+        if kind != "done":
+            return
+        if stage == STAGE_EMBED:
             self._replayed_embeds.append(record)
-        elif record.get("stage") == STAGE_QUESTIONS:
+        elif stage == STAGE_QUESTIONS:
+            form = record.get("form")
+            if isinstance(form, str):
+                self._learn(form, latest=True)
             self._replayed_questions.append(record)
 
     def recovered_children(self, done: set[int], failed: set[int]) -> Iterable[Task]:
@@ -186,31 +245,85 @@ class RaftJob:
         return out
 
     def limit_reached(self) -> str | None:
+        """Why the run must stop now: the record limit, replies the job cannot use, or a server
+        that cannot do what was asked. Checked by the scheduler after every record."""
+        if self._stop is not None:
+            return self._stop
         limit = self.params.max_records
         have = len(self._records_before) + self.records_new
         if limit and have >= limit:
             return (f"record limit reached: {have:,} records of ASYNCRAFT_MAX_RECORDS={limit:,}; raise it and run "
                     "the same command again to continue")
+        for stage, rejected in self._rejected.items():
+            if rejected.total() > self.params.quality_stop * QUALITY_WINDOW:
+                self._stop = self._quality_message(stage)
+                return self._stop
         return None
 
     def retry_task(self, task: Task, paid: int) -> Task:
-        """The request for the attempt after ``paid`` rejected answers: the base request plus a note,
-        so every attempt is a distinct request (and the note tells the model what went wrong)."""
-        base = self._base_messages(task)
-        if paid <= 0:
-            messages = base
-        elif task.stage == STAGE_QUESTIONS:
-            messages = with_note(base, retry_note("questions", paid, self.params.questions), role="system")
-        else:
-            messages = with_note(base, retry_note("answers", paid), role="user")
-        return Task(task.id, task.stage, {**task.body, "messages": messages}, task.meta, task.endpoint, paid)
+        """The request for the attempt after ``paid`` rejected replies: the first request plus a note
+        and more room, so every attempt is a distinct request (and the note tells the model what
+        went wrong)."""
+        if task.stage == STAGE_EMBED:
+            return Task(task.id, task.stage, task.body, task.meta, task.endpoint, paid, task.private)
+        return self._make(task.stage, self._first_messages(task), task.meta, task.meta.get("form", TAGGED), paid,
+                          task.private, task_id=task.id)
+
+    def call_failed(self, task: Task, exc: ProviderError) -> Task | None:
+        """The scheduler shows the job every error answer before deciding what to do with it.
+
+        A request for constrained output that the server refuses is answered with the same request
+        in the next form (``json_schema``, then ``json_object``, then free text with ``--structured
+        auto``): the scheduler queues that one instead, and the run goes on in that form. A server
+        that cannot do what the run needs (embeddings, or constrained output with ``--structured on``)
+        stops the run (``limit_reached``) instead of failing or retrying every task. Otherwise None:
+        the scheduler retries or fails the task as usual."""
+        if task.stage == STAGE_EMBED:
+            if exc.status not in (None, 429) and "embedding" in structured.server_said(exc).lower():
+                self._stop = (f"the server does not serve embeddings ({exc}); --chunker semantic needs one that "
+                              "does (llama.cpp: start it with --embedding true) or use --chunker simple")
+            return None
+        form = task.meta.get("form")
+        if form not in FORMS or not structured.is_refusal(exc):
+            return None
+        nxt = _FORM_ORDER[_FORM_ORDER.index(form) + 1]
+        if nxt == TAGGED and self.params.structured != "auto":
+            self._stop = (f"the server refuses constrained output (response_format) in both forms: {exc}. "
+                          "Run with --structured auto (falls back to free-text prompts) or --structured off")
+            return None
+        if _FORM_ORDER.index(nxt) > _FORM_ORDER.index(self.form):
+            log.warning("the server refuses response_format of type %s (%s); asking with %s from now on", form,
+                        " ".join(str(exc).split())[:300], "free-text prompts" if nxt == TAGGED else f"type {nxt}")
+        self._learn(nxt)
+        return self._make(task.stage, self._first_messages(task), task.meta, self.form, 0, task.private)
+
+    def refresh(self, task: Task) -> Task:
+        """The scheduler's look before a call: a chat task made before the run learned the form the
+        server takes (it was queued) is made again in that form, so no request in a form the server
+        refuses or ignores is sent once the run knows."""
+        form = task.meta.get("form")
+        if form is None or form == self.form:
+            return task
+        return self._make(task.stage, self._first_messages(task), task.meta, self.form, 0, task.private)
 
     def handle(self, task: Task, completion: Completion) -> Outcome:
         if task.stage == STAGE_EMBED:
             return self._handle_embed(task, completion)
+        text = validate.chat_text(completion.message)
+        if text is None:
+            if (completion.usage or {}).get("completion_tokens") == 0 and not self._had_text:
+                self._empty_zero += 1
+                if self._empty_zero >= EMPTY_STOP:
+                    self._stop = (
+                        f"the server returned {self._empty_zero} empty replies with 0 completion tokens: that is a "
+                        "server configuration problem, most often a model without a chat template (base models "
+                        "often have none). Give the server one (llama.cpp: --chat_format, e.g. chatml; vLLM: "
+                        "--chat-template) or use an instruct model")
+            return self._reject(task, "empty reply (no text)", completion)
+        self._had_text = True
         if task.stage == STAGE_QUESTIONS:
-            return self._handle_questions(task, completion)
-        return self._handle_answer(task, completion)
+            return self._handle_questions(task, completion, text)
+        return self._handle_answer(task, completion, text)
 
     # -- tasks -------------------------------------------------------------------------------------
 
@@ -231,15 +344,76 @@ class RaftJob:
         return Task(content_id(STAGE_EMBED, PROMPT_VERSION, body), STAGE_EMBED, body, meta, endpoint="embed")
 
     def question_task(self, text: str, meta: dict[str, Any]) -> Task:
-        body = {**self.params.extra_body, "model": self.params.model,
-                "messages": self.prompts.question_messages(text, self.params.questions)}
-        return Task(content_id(STAGE_QUESTIONS, PROMPT_VERSION, body), STAGE_QUESTIONS, body, {**meta, "text": text})
+        messages = self.prompts.question_messages(text, self.params.questions)
+        return self._make(STAGE_QUESTIONS, messages, {**meta, "text": text}, self.form)
 
     def answer_task(self, parent: str, index: int, question: str, chunk: str) -> Task:
-        body = {**self.params.extra_body, "model": self.params.model,
-                "messages": self.prompts.answer_messages(question, chunk)}
-        return Task(content_id(STAGE_ANSWERS, PROMPT_VERSION, body), STAGE_ANSWERS, body,
-                    {"parent": parent, "q": index, "question": question})
+        messages = self.prompts.answer_messages(question, chunk)
+        return self._make(STAGE_ANSWERS, messages, {"parent": parent, "q": index, "question": question}, self.form,
+                          private=chunk)
+
+    def _make(self, stage: str, messages: list[dict[str, Any]], meta: dict[str, Any], form: str, attempt: int = 0,
+              private: Any = None, *, task_id: str | None = None) -> Task:
+        """A chat task from its free-text messages: in ``form``, for ``attempt``. Its id is that of
+        attempt 0 (every attempt is the same task); a task in another form is another task."""
+        first = self._body(stage, messages, form, 0, private)
+        if task_id is None:
+            task_id = content_id(stage, PROMPT_VERSION, first)
+        body = first if attempt == 0 else self._body(stage, messages, form, attempt, private)
+        return Task(task_id, stage, body, {**meta, "form": form}, "chat", attempt, private)
+
+    def _body(self, stage: str, messages: list[dict[str, Any]], form: str, attempt: int, chunk: Any) -> dict[str, Any]:
+        role = _NOTE_ROLE[stage]
+        n = self.params.questions
+        if form in FORMS:
+            messages = with_note(messages, structured_note(stage, n), role=role)
+        if attempt > 0:
+            messages = with_note(messages, retry_note(stage, attempt, n, structured=form in FORMS), role=role)
+        body: dict[str, Any] = {**self.params.extra_body, "model": self.params.model, "messages": messages}
+        if self._user_bound is None:
+            body["max_tokens"] = self._bound(stage) * (2 if attempt > 0 else 1)
+        if form in FORMS:
+            if stage == STAGE_QUESTIONS:
+                schema = structured.questions_schema(n)
+            else:
+                # llama.cpp builds a grammar for every request anyway, so there the quotes can be held to
+                # the chunk's sentences. OpenAI (the other dialect) processes every new schema at length
+                # before answering and caches it: one schema for the whole run.
+                quotable = chunk if form == JSON_OBJECT and isinstance(chunk, str) else ""
+                schema = structured.answer_schema(self._sentences(quotable))
+            body["response_format"] = structured.response_format(form, stage, schema)
+        return body
+
+    def _sentences(self, chunk: str) -> list[str]:
+        """The chunk's sentences, each once: what a structured answer may quote."""
+        out = (chunk[a:b].strip() for a, b in chunking.sentences(chunk, self.params.chunk_size))
+        return list(dict.fromkeys(x for x in out if x))
+
+    def _bound(self, stage: str) -> int:
+        if stage == STAGE_QUESTIONS:
+            return self.params.question_tokens * self.params.questions
+        return self.params.answer_tokens
+
+    def _first_messages(self, task: Task) -> list[dict[str, Any]]:
+        """The free-text messages a chat task was made from (``_body`` undone)."""
+        role = _NOTE_ROLE[task.stage]
+        form = task.meta.get("form", TAGGED)
+        messages: list[dict[str, Any]] = task.body["messages"]
+        if task.attempt > 0:
+            messages = without_note(messages, retry_note(task.stage, task.attempt, self.params.questions,
+                                                         structured=form in FORMS), role=role)
+        if form in FORMS:
+            messages = without_note(messages, structured_note(task.stage, self.params.questions), role=role)
+        return messages
+
+    def _learn(self, form: str, *, latest: bool = False) -> None:
+        """Go on in ``form``: one further down the list of forms the mode allows (or, for a form
+        replayed from the journal, the latest one seen)."""
+        mode = self.params.structured
+        if form not in _FORM_ORDER or mode == "off" or (mode == "on" and form == TAGGED):
+            return
+        if latest or _FORM_ORDER.index(form) > _FORM_ORDER.index(self.form):
+            self.form = form
 
     def _embed_children(self, rec: dict[str, Any], chunks: list[str]) -> list[Task]:
         meta = {"source": rec.get("source"), "doc": rec.get("doc"), "seg": rec.get("seg", 0)}
@@ -248,66 +422,126 @@ class RaftJob:
     def _answer_children(self, parent: str, chunk: str, questions: list[str]) -> list[Task]:
         return [self.answer_task(parent, i, q, chunk) for i, q in enumerate(questions)]
 
-    def _base_messages(self, task: Task) -> list[dict[str, Any]]:
-        messages: list[dict[str, Any]] = task.body["messages"]
-        if task.attempt <= 0:
-            return messages
-        if task.stage == STAGE_QUESTIONS:
-            note, role = retry_note("questions", task.attempt, self.params.questions), "system"
-        else:
-            note, role = retry_note("answers", task.attempt), "user"
-        out = [dict(m) for m in messages]
-        for m in reversed(out):
-            if m.get("role") == role:
-                content = str(m.get("content", ""))
-                if content.endswith(note):
-                    m["content"] = content[: -len(note)]
-                break
-        return out
+    # -- replies -----------------------------------------------------------------------------------
 
-    # -- answers -----------------------------------------------------------------------------------
-
-    def _reject(self, task: Task, why: str, completion: Completion) -> Outcome:
-        """A paid answer that cannot be used: ask again (bounded), then set it aside as failed."""
+    def _reject(self, task: Task, why: str, completion: Completion, *, cut: bool = False) -> Outcome:
+        """A paid reply that cannot be used: ask again (bounded; a reply cut off by max_tokens once,
+        with twice the room), then set the task aside as failed. The record keeps the raw reply."""
+        if task.stage != STAGE_EMBED and self._judged[task.stage] < QUALITY_WINDOW:
+            self._judged[task.stage] += 1
+            self._rejected[task.stage][why] += 1
+            self._examples.setdefault(why, validate.chat_text(completion.message) or "")
+        attempts = task.attempt + 1
+        if cut and (task.attempt > 0 or self._user_bound is not None):
+            self._settled.add(task.id)
+            bound = task.body.get(self._user_bound or "max_tokens")
+            return Outcome(fail=f"{why} (after {attempts} attempt(s), the last with max_tokens={bound})")
         if task.attempt < self.params.answer_retries:
-            return Outcome(retry=self.retry_task(task, task.attempt + 1), retry_reason=why)
+            return Outcome(retry=self.retry_task(task, attempts), retry_reason=why)
         self._settled.add(task.id)
-        return Outcome(fail=f"{why} (after {task.attempt + 1} attempt(s); the raw text is in the journal)")
+        return Outcome(fail=f"{why} (after {attempts} attempt(s))")
+
+    def _accept(self, stage: str) -> None:
+        if self._judged[stage] < QUALITY_WINDOW:
+            self._judged[stage] += 1
+
+    def _not_json(self, task: Task, completion: Completion, text: str) -> Outcome:
+        """A reply to a structured request that holds no JSON object."""
+        if completion.finish_reason == "length":
+            return self._reject(task, "reply cut off by max_tokens", completion, cut=True)
+        if structured.looks_like_json(text):
+            return self._reject(task, "reply is not valid JSON", completion)
+        if self.params.structured != "auto":
+            return self._reject(task, "reply is not JSON (does the server ignore response_format? try --structured "
+                                      "off)", completion)
+        # A server that enforces the schema never answers free text: this one ignores the parameter.
+        if self.form != TAGGED:
+            log.warning("the server ignores response_format (a reply is not JSON); asking with free-text prompts "
+                        "from now on")
+        self._learn(TAGGED)
+        return Outcome(retry=self._make(task.stage, self._first_messages(task), task.meta, TAGGED, 0, task.private),
+                       retry_reason=IGNORED)
 
     def _handle_embed(self, task: Task, completion: Completion) -> Outcome:
-        vectors = completion.message.get("embeddings")
         pieces: list[str] = task.body["input"]
-        if not isinstance(vectors, list) or len(vectors) != len(pieces):
-            got = len(vectors) if isinstance(vectors, list) else 0
-            return Outcome(fail=f"the embeddings response has {got} vectors for {len(pieces)} sentences")
+        raw = completion.message.get("embeddings")
+        try:
+            vectors, pooled = validate.embedding_vectors(raw, len(pieces))
+        except validate.Malformed as exc:
+            # The scheduler journals this reply with the attempt or the failure: its shape tells
+            # what went wrong, its thousands of numbers would not.
+            completion.message = {"embeddings": validate.describe(raw)}
+            return self._reject(task, f"malformed embeddings response: {exc}", completion)
+        if pooled and not self._pooled_noted:
+            self._pooled_noted = True
+            log.info("the embeddings server returns one vector per token (no pooling); the job mean-pools them")
         groups = chunking.semantic_groups([len(x) for x in pieces], vectors, self.params.chunk_size)
         chunks = [text for text in ("".join(pieces[a:b]).strip() for a, b in groups) if text]
         self._settled.add(task.id)
         rec = {**task.meta, "id": task.id}
         return Outcome(result={"chunks": chunks}, children=self._embed_children(rec, chunks))
 
-    def _handle_questions(self, task: Task, completion: Completion) -> Outcome:
-        questions, dropped = parse_questions(completion.message.get("content"), self.params.questions)
-        if completion.finish_reason == "length" and len(questions) > 1:
-            questions.pop()  # cut off by max_tokens: the last line may be half a question
-            dropped += 1
+    def _handle_questions(self, task: Task, completion: Completion, text: str) -> Outcome:
+        chunk: str = task.meta["text"]
+        cut = completion.finish_reason == "length"
+        candidates: list[str] | None
+        if task.meta.get("form", TAGGED) in FORMS:
+            candidates = structured.questions_from(text)  # complete strings only, when cut off
+            if candidates is None:
+                return self._not_json(task, completion, text)
+        else:
+            candidates = text.splitlines()
+            if cut and candidates:
+                candidates.pop()  # cut off by max_tokens: the last line may be half a question
+        # A copy of the chunk or of the prompt (its example questions) is no question of the model's.
+        prompt = "\n".join(str(m.get("content", "")) for m in task.body["messages"] if m.get("role") != "user")
+        questions, dropped = select_questions(candidates, self.params.questions, f"{chunk}\n{prompt}")
         if not questions:
-            return self._reject(task, "no questions in the answer", completion)
+            why = "no questions in the reply" + (" (cut off by max_tokens)" if cut else "")
+            return self._reject(task, why, completion, cut=cut)
+        self._accept(task.stage)
         self._settled.add(task.id)
         # "message" is what `asyncraft tail` shows; the children are built from "questions".
         result: dict[str, Any] = {"questions": questions, "message": {"content": "\n".join(questions)}}
         if dropped:
-            result["dropped"] = dropped
-        return Outcome(result=result, children=self._answer_children(task.id, task.meta["text"], questions))
+            result["dropped"] = dict(dropped)
+        return Outcome(result=result, children=self._answer_children(task.id, chunk, questions))
 
-    def _handle_answer(self, task: Task, completion: Completion) -> Outcome:
+    def _handle_answer(self, task: Task, completion: Completion, text: str) -> Outcome:
         if completion.finish_reason == "length":
-            return self._reject(task, "answer cut off by max_tokens", completion)
-        cot, why = parse_answer(completion.message.get("content"))
+            return self._reject(task, "answer cut off by max_tokens", completion, cut=True)
+        if self.prompts.repeats_instructions(text):
+            return self._reject(task, "the reply repeats the prompt's instructions", completion)
+        if task.meta.get("form", TAGGED) in FORMS:
+            obj = structured.load_object(text)
+            if obj is None:
+                return self._not_json(task, completion, text)
+            cot, why = structured.assemble_answer(obj, task.private if isinstance(task.private, str) else "")
+        else:
+            cot, why = parse_answer(text)
         if cot is None:
             return self._reject(task, why, completion)
+        self._accept(task.stage)
         self.records_new += 1
         return Outcome(result={"message": {"content": cot}})
+
+    def _quality_message(self, stage: str) -> str:
+        rejected = self._rejected[stage]
+        why, _ = rejected.most_common(1)[0]
+        example = " ".join(self._examples.get(why, "").split())
+        example = (example[:200] + "...") if len(example) > 200 else example
+        reasons = "; ".join(f"{k}: {v}" for k, v in rejected.most_common())
+        replies = "answers" if stage == STAGE_ANSWERS else "question replies"
+        hints = ["an instruct (chat) model"]
+        if self.form == TAGGED:
+            if self.params.structured == "off":
+                hints.append("--structured on (constrained output, where the server offers it)")
+            hints.append("--prompt-style " + ("llama" if self.params.prompt_style == "gpt" else "gpt"))
+        else:
+            hints.append("--structured off")
+        return (f"quality stop: {rejected.total()} of the first {self._judged[stage]} {replies} were rejected "
+                f"({reasons}); the model returned, for example: {example!r}. Try {', '.join(hints)}, or "
+                "--quality-stop 1 to go on anyway")
 
 
 def _problem(p: documents.DocProblem) -> InputProblem:
