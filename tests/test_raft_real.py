@@ -29,10 +29,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from asyncraft import store
 from asyncraft.simulate import body_hash
 from tests.conftest import cli_env, run_cli
-from tests.helpers import ROOT
+from tests.helpers import ROOT, journal_records
 
 DOCS = ROOT / "asyncraft" / "data" / "docs"
 RAFT_FIELDS = ["id", "type", "question", "context", "oracle_context", "cot_answer", "instruction", "source",
@@ -181,7 +180,7 @@ def smollm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
 
 
 def journal(state: Path) -> list[dict[str, Any]]:
-    return [rec for rec, _ in store.iter_records(store.StateDir(state))]
+    return list(journal_records(state))
 
 
 def assert_raft_form(rows: list[dict[str, Any]]) -> None:

@@ -17,10 +17,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from asyncraft import simcontent, store
+from asyncraft import simcontent
 from asyncraft.simulate import body_hash
 from tests.conftest import cli_env
-from tests.helpers import ROOT
+from tests.helpers import ROOT, journal_records
 
 DOCS = ROOT / "asyncraft" / "data" / "docs"
 FLAGS = ("--job", "raft", "--questions", "2", "--chunk-size", "128")
@@ -96,7 +96,7 @@ async def run(server: FakeServer, state: Path, *args: str, **env: str) -> tuple[
 
 
 def records(state: Path) -> list[dict[str, Any]]:
-    return [rec for rec, _ in store.iter_records(store.StateDir(state))]
+    return list(journal_records(state))
 
 
 def refuse_json_schema(status: int, message: str) -> Behaviour:
