@@ -1,12 +1,11 @@
-"""Engine benchmarks: asyncraft against a bare aiohttp loop, recovery, memory and rate limits.
+"""Engine benchmarks: asyncraft against a bare aiohttp loop, memory and rate limits (resume and
+storage: bench_storage.py).
 
 Every figure is a ratio to a baseline measured in the same run on the same machine, against the
 built-in simulator on 127.0.0.1 (a separate process, so it has its own core).
 
     python bench/bench_engine.py throughput     # 0 ms latency, concurrency 100, 20,000 requests
     python bench/bench_engine.py latency        # 1 s lognormal latency, concurrency 1,000
-    python bench/bench_engine.py recovery       # resume a state holding 1,000,000 done records
-    python bench/bench_engine.py snapshot       # compaction time vs records already compacted
     python bench/bench_engine.py memory         # peak RSS of a 1,000,000-line input
     python bench/bench_engine.py ratelimit      # 429 share and use of the server's limit
     python bench/bench_engine.py all
@@ -33,7 +32,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from asyncraft import app, config, records, store  # noqa: E402
+from asyncraft import app, config  # noqa: E402
 from asyncraft.jobs.prompts import PromptsJob  # noqa: E402
 
 
@@ -59,12 +58,16 @@ class Sim:
         self.proc.wait()
 
 
+def input_line(i: int, tag: str = "") -> bytes:
+    return orjson.dumps({"custom_id": f"r{i}", "body": {
+        "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
+        "max_tokens": 16}}) + b"\n"
+
+
 def write_input(path: Path, n: int, tag: str = "") -> None:
     with open(path, "wb") as fh:
         for i in range(n):
-            fh.write(orjson.dumps({"custom_id": f"r{i}", "body": {
-                "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
-                "max_tokens": 16}}) + b"\n")
+            fh.write(input_line(i, tag))
 
 
 def bodies_of(path: Path) -> list[dict[str, Any]]:
@@ -154,107 +157,10 @@ def bench_latency(_: argparse.Namespace) -> None:
             "latency (1 s lognormal, c=1000, 20k)")
 
 
-def synth_state(state: Path, n: int, *, compact: bool, inp: Path) -> None:
-    """A state dir holding n done records for the first n lines of ``inp``, written directly."""
-    shutil.rmtree(state, ignore_errors=True)
-    sd = store.StateDir(state)
-    sd.create_dirs()
-    job = PromptsJob(inp, model="sim-1", extra_body={})
-    sd.write_meta({"format": 1, "job": "prompts", "fingerprint": {**job.fingerprint(), "job": "prompts",
-                   "model": "sim-1", "extra_body": {}}, "input": str(inp.resolve()), "history": []})
-    seg_size = 100_000
-    seq = 1
-    tasks = (t for t in job.roots() if hasattr(t, "body"))
-    segs = []
-    for start in range(0, n, seg_size):
-        path = sd.journal / store.seg_name(seq)
-        with open(path, "wb") as fh:
-            first = seq
-            buf = []
-            for _, task in zip(range(min(seg_size, n - start)), tasks, strict=False):
-                buf.append(records.encode({"k": "done", "id": task.id, "stage": "prompts", **task.meta,
-                                           "message": {"content": "Simulated answer of a benchmark request."},
-                                           "finish_reason": "stop", "model": "sim-1",
-                                           "usage": {"prompt_tokens": 14, "completion_tokens": 9}, "seq": seq}))
-                seq += 1
-            fh.write(b"".join(buf))
-        segs.append((first, seq - 1, path))
-    if compact:
-        from asyncraft.failpoints import Failpoints
-
-        runs: list[str] = []
-        for seg in segs:
-            _, runs = store.compact(sd, [seg], runs, Failpoints())
-
-
-def bench_recovery(_: argparse.Namespace) -> None:
-    n = 1_000_000
-    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
-    sim = Sim("--latency-ms", "0")
-    try:
-        inp = tmp / "in.jsonl"
-        write_input(inp, n + 1000)
-        # The unfinished lines come first so "first dispatch" measures recovery, not the input scan.
-        lines = inp.read_bytes().splitlines(keepends=True)
-        for compact in (False, True):
-            synth_state(tmp / "state", n, compact=compact, inp=inp)
-            reordered = tmp / "in2.jsonl"
-            reordered.write_bytes(b"".join(lines[n:] + lines[:n]))
-            t0 = time.perf_counter()
-            rec = store.recover(store.StateDir(tmp / "state"), repair=False)
-            t_recover = time.perf_counter() - t0
-            assert len(rec.done) == n
-            env = {**os.environ, "ASYNCRAFT_BASE_URL": sim.base_url, "ASYNCRAFT_MODEL": "sim-1",
-                   "ASYNCRAFT_API_KEY": "bench", "ASYNCRAFT_PROGRESS_INTERVAL": "1000"}
-            sim.reset()
-            t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", "--input", str(reordered),
-                                     "--state-dir", str(tmp / "state"), "--allow-config-change"],
-                                    env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
-            while sim.stats()["requests"] == 0:
-                time.sleep(0.01)
-            t_first = time.perf_counter() - t0
-            proc.wait()
-            # Baseline: the same interpreter starting and importing asyncraft, doing nothing else.
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", "import asyncraft.app"], check=True, cwd=ROOT)
-            t_base = time.perf_counter() - t0
-            where = "compacted runs" if compact else "journal segments"
-            print(f"recovery ({n:,} done records in {where}): recover() {t_recover:.2f}s; process start to first "
-                  f"request {t_first:.2f}s (target <= 5 s); bare interpreter start {t_base:.2f}s "
-                  f"-> ratio {t_first / t_base:.1f}x")
-    finally:
-        sim.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def bench_snapshot(_: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
-    try:
-        inp = tmp / "in.jsonl"
-        write_input(inp, 1_100_000)
-        synth_state(tmp / "state", 1_100_000, compact=False, inp=inp)
-        sd = store.StateDir(tmp / "state")
-        from asyncraft.failpoints import Failpoints
-
-        runs: list[str] = []
-        times = []
-        for first, path in sd.segments():
-            last = first + 100_000 - 1
-            t0 = time.perf_counter()
-            _, runs = store.compact(sd, [(first, last, path)], runs, Failpoints())
-            times.append(time.perf_counter() - t0)
-        print("snapshot of 100k records with 0 / 500k / 1M already compacted: "
-              f"{times[0]:.2f}s / {times[5]:.2f}s / {times[10]:.2f}s -> ratio last/first {times[10] / times[0]:.2f}"
-              " (flat = does not grow with history)")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # Runs a module as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at exit.
 # getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so
 # a child of this (large) benchmark process would report the parent's peak.
-_PEAK_WRAPPER = """
+PEAK_WRAPPER = """
 import atexit, os, runpy, sys
 def _report():
     for line in open("/proc/self/status"):
@@ -264,17 +170,19 @@ def _report():
 atexit.register(_report)
 module = sys.argv[1]
 sys.argv = sys.argv[1:]
-if module != "-":
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-else:
+if module == "-":
     import asyncraft.app
+elif module.endswith(".py"):
+    runpy.run_path(module, run_name="__main__")
+else:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
 def peak_rss_mb(args: list[str], env: dict[str, str], tmp: Path) -> float:
-    """Peak RSS of ``python -m <args>`` (``args[0]`` = "-": just import asyncraft.app)."""
+    """Peak RSS of ``python -m <args>`` (``args[0]`` = "-": just import asyncraft.app; a .py path: run that file)."""
     peak_file = tmp / "peak"
-    subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
+    subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
                    cwd=ROOT, check=True)
     return int(peak_file.read_text()) / 1024
 
@@ -319,8 +227,8 @@ def bench_ratelimit(_: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-BENCHES = {"throughput": bench_throughput, "latency": bench_latency, "recovery": bench_recovery,
-           "snapshot": bench_snapshot, "memory": bench_memory, "ratelimit": bench_ratelimit}
+BENCHES = {"throughput": bench_throughput, "latency": bench_latency, "memory": bench_memory,
+           "ratelimit": bench_ratelimit}
 
 
 def main() -> None:
