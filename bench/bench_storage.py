@@ -198,7 +198,7 @@ def generate(root: Path, n: int, *, journal_tail: int = 0, inpos: bool = True) -
     sd.write_meta(fs, {"format": FORMAT, "job": job.name,
                        "fingerprint": {**job.fingerprint(), **config.fingerprint_settings(settings)},
                        "input": str(inp.resolve()), "created": time.time(), "history": []})
-    tasks = itertools.islice(job.roots(), n)  # no bad lines: one task per line
+    tasks = (t for t in itertools.islice(job.roots(), n) if isinstance(t, Task))  # no bad lines: a task a line
     seq = Sequencer()
     position = input_position_record(inp, offset, n) if inpos else None
     compacted = n - journal_tail
@@ -352,13 +352,54 @@ def state_for(ns: argparse.Namespace, base: Path, n: int, journal_tail: int = 0)
     return generate(base / name, n, journal_tail=journal_tail, inpos=ns.inpos)
 
 
+@dataclass
+class Resumed:
+    first: float  # start to first request, median
+    rounds: list[float]
+    recovery: float  # what the run logs as its recovery time, median
+    peak_mb: float  # highest of the rounds
+    exit: float  # start to exit, median
+
+
+def resume_rounds(gen: Generated, inp: Path, rounds: int, sim: Sim, poller: StatsPoller, env: dict[str, str],
+                  work: Path) -> Resumed:
+    """Resume a fresh copy of ``gen`` with ``inp``, ``rounds`` times; check that exactly the new lines are paid."""
+    firsts, recoveries, peaks, exits = [], [], [], []
+    for _ in range(rounds):
+        clone_state(gen.state, work / "state")
+        sim.reset()
+        got = run_child(["asyncraft", "run", "--input", str(inp), "--state-dir", str(work / "state")], env, work,
+                        poller)
+        m = RECOVERED.search(got.stderr)
+        stats = sim.stats()
+        twice = sum(1 for v in stats["paid_by_hash"].values() if v > 1)
+        if got.code != 0 or got.first_request is None or m is None or int(m.group(1)) != gen.n:
+            raise SystemExit(f"resume of {gen.state} failed (exit {got.code}):\n{got.stderr[-3000:]}")
+        if stats["paid"] != NEW_LINES or twice:
+            raise SystemExit(f"resume paid {stats['paid']} calls ({twice} twice); {NEW_LINES} expected")
+        firsts.append(got.first_request)
+        recoveries.append(float(m.group(4)))
+        peaks.append(got.peak_mb)
+        exits.append(got.seconds)
+    shutil.rmtree(work / "state", ignore_errors=True)
+    return Resumed(statistics.median(firsts), firsts, statistics.median(recoveries), max(peaks),
+                   statistics.median(exits))
+
+
+def new_lines_input(gen: Generated) -> Path:
+    """The input cut to its unanswered lines: what a resume reads once it skips the recorded finished prefix."""
+    path = gen.root / "new-lines.jsonl"
+    if not path.exists():
+        with open(path, "wb") as fh:
+            for i in range(gen.n, gen.n + NEW_LINES):
+                fh.write(input_line(i))
+    return path
+
+
 def bench_resume(ns: argparse.Namespace) -> None:
-    rows = [(n, 0) for n in ns.sizes]
-    if 1_000_000 in ns.sizes:
-        rows.append((1_000_000, RUN_RECORDS))  # a crash just before a compaction: one snapshot's worth in the journal
     sim = Sim("--latency-ms", "0")
     poller = StatsPoller(sim)
-    curve: list[tuple[int, float]] = []
+    curves: dict[str, list[tuple[int, float]]] = {"whole input": [], "new lines only": []}
     try:
         with workdir(ns) as base:
             work = base / "work"
@@ -366,45 +407,39 @@ def bench_resume(ns: argparse.Namespace) -> None:
             env = child_env(sim.base_url)
             bl = baseline(env, work, ns.rounds)
             print(f"baseline: interpreter start + import asyncraft.app {bl.start:.2f} s, peak RSS {bl.rss_mb:.0f} MB")
-            for n, tail in rows:
-                gen = state_for(ns, base, n, tail)
-                firsts, recovers, peaks, totals = [], [], [], []
-                for _ in range(ns.rounds):
-                    clone_state(gen.state, work / "state")
-                    sim.reset()
-                    got = run_child(["asyncraft", "run", "--input", str(gen.input), "--state-dir",
-                                     str(work / "state")], env, work, poller)
-                    m = RECOVERED.search(got.stderr)
-                    stats = sim.stats()
-                    twice = sum(1 for v in stats["paid_by_hash"].values() if v > 1)
-                    if got.code != 0 or got.first_request is None or m is None or int(m.group(1)) != n:
-                        raise SystemExit(f"resume of {gen.state} failed (exit {got.code}):\n{got.stderr[-3000:]}")
-                    if stats["paid"] != NEW_LINES or twice:
-                        raise SystemExit(f"resume paid {stats['paid']} calls ({twice} twice); {NEW_LINES} expected")
-                    firsts.append(got.first_request)
-                    recovers.append(float(m.group(4)))
-                    peaks.append(got.peak_mb)
-                    totals.append(got.seconds)
-                first = statistics.median(firsts)
-                where = (f"last {tail:,} in the live journal" if tail else "all in runs")
-                target = "" if tail else (" (target <= 2 s)" if n == 1_000_000 else
-                                          " (target <= 3 s)" if n == 10_000_000 else "")
-                print(f"resume {n:,} done ({where}) + {NEW_LINES:,} new lines at the end: first request "
-                      f"{first:.2f} s{target}, median of {fmtn(firsts)} -> {first / bl.start:.1f}x interpreter "
-                      f"start; recovery {statistics.median(recovers):.2f} s; peak RSS {max(peaks):.0f} MB"
-                      f"{' (target <= 300 MB)' if n == 10_000_000 else ''} -> {max(peaks) / bl.rss_mb:.1f}x bare "
-                      f"import; exit after {statistics.median(totals):.1f} s; {NEW_LINES:,} calls paid, none twice",
-                      flush=True)
-                if not tail:
-                    curve.append((n, first))
-                shutil.rmtree(work / "state", ignore_errors=True)
+
+            def show(what: str, n: int, got: Resumed, target: str = "") -> None:
+                print(f"resume {n:,} done, {what}: first request {got.first:.2f} s{target}, median of "
+                      f"{fmtn(got.rounds)} -> {got.first / bl.start:.1f}x interpreter start; recovery "
+                      f"{got.recovery:.2f} s; peak RSS {got.peak_mb:.0f} MB"
+                      f"{' (target <= 300 MB)' if target and n == 10_000_000 else ''} -> "
+                      f"{got.peak_mb / bl.rss_mb:.1f}x bare import; exit after {got.exit:.1f} s; {NEW_LINES:,} calls "
+                      "paid, none twice", flush=True)
+
+            for n in ns.sizes:
+                gen = state_for(ns, base, n)
+                got = resume_rounds(gen, gen.input, ns.rounds, sim, poller, env, work)
+                target = {1_000_000: " (target <= 2 s)", 10_000_000: " (target <= 3 s)"}.get(n, "")
+                show(f"all in runs, {NEW_LINES:,} new lines at the end of the input", n, got, target)
+                curves["whole input"].append((n, got.first))
+                got = resume_rounds(gen, new_lines_input(gen), ns.rounds, sim, poller, env, work)
+                show(f"all in runs, input cut to its {NEW_LINES:,} new lines (what a resume that skips the "
+                     "recorded prefix reads)", n, got)
+                curves["new lines only"].append((n, got.first))
+            if 1_000_000 in ns.sizes:
+                # A crash just before a compaction: one snapshot's worth of records still in the journal.
+                gen = state_for(ns, base, 1_000_000, RUN_RECORDS)
+                got = resume_rounds(gen, gen.input, ns.rounds, sim, poller, env, work)
+                show(f"the last {RUN_RECORDS:,} in the live journal, {NEW_LINES:,} new lines at the end of the input",
+                     gen.n, got)
     finally:
         poller.close()
         sim.close()
-    if len(curve) > 1:
-        (n0, t0), (n1, t1) = curve[0], curve[-1]
-        print("resume curve (first request): " + " / ".join(f"{size_name(n)} {t:.2f} s" for n, t in curve)
-              + f" -> {size_name(n1)} / {size_name(n0)} = {t1 / t0:.2f} (flat = 1)")
+    for name, curve in curves.items():
+        if len(curve) > 1:
+            (n0, t0), (n1, t1) = curve[0], curve[-1]
+            print(f"resume curve, {name} (first request): " + " / ".join(f"{size_name(n)} {t:.2f} s" for n, t in curve)
+                  + f" -> {size_name(n1)} / {size_name(n0)} = {t1 / t0:.2f} (flat = 1)")
 
 
 def fmtn(values: list[float]) -> str:
