@@ -6,6 +6,7 @@ built-in simulator on 127.0.0.1 (a separate process, so it has its own core).
 
     python bench/bench_engine.py throughput     # 0 ms latency, concurrency 100, 20,000 requests
     python bench/bench_engine.py latency        # 1 s lognormal latency, concurrency 1,000
+    python bench/bench_engine.py overhead       # engine CPU per task with an instant in-process provider
     python bench/bench_engine.py memory         # peak RSS of a 1,000,000-line input
     python bench/bench_engine.py ratelimit      # 429 share and use of the server's limit
     python bench/bench_engine.py all
@@ -27,6 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import orjson
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from asyncraft import app, config  # noqa: E402
 from asyncraft.jobs.prompts import PromptsJob  # noqa: E402
+from asyncraft.provider import Completion  # noqa: E402
 
 
 class Sim:
@@ -187,6 +190,48 @@ def bench_latency(_: argparse.Namespace) -> None:
             "latency (1 s lognormal, c=1000, 20k)")
 
 
+class InstantPool:
+    """Stands in for the endpoint pool: every call is answered at once, in this process. What is left of a run is
+    the engine's own cost per task: reading the input, scheduling, the journal, the task states, compaction."""
+
+    endpoints = ("instant",)
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    async def __aenter__(self) -> InstantPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def chat(self, body: dict[str, Any], beat: Callable[[], None] | None = None) -> Completion:
+        await asyncio.sleep(0)  # a real call always yields to the loop
+        return Completion({"content": "An instant answer."}, "stop", {"prompt_tokens": 12, "completion_tokens": 4},
+                          body.get("model"))
+
+    embed = chat
+
+    def describe(self) -> list[dict[str, Any]]:
+        return []
+
+
+def bench_overhead(_: argparse.Namespace) -> None:
+    """CPU per task of whole runs (start-up, recovery, every task, final snapshot) with the instant provider."""
+    n, rounds = 50_000, 5
+    tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
+    try:
+        inp = tmp / "in.jsonl"
+        write_input(inp, n)
+        with mock.patch.object(app, "EndpointPool", InstantPool):
+            cpu = [with_cpu(lambda: asyncraft_run("http://127.0.0.1:9/v1", inp, tmp / "state", 100), n)[1]
+                   for _ in range(rounds)]
+        print(f"overhead: engine CPU per task with an instant in-process provider (c=100, {n:,} tasks, whole run): "
+              f"{min(cpu):.1f} us (least of {rounds}; rounds {[round(c, 1) for c in cpu]})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # Runs a module as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at exit.
 # getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so
 # a child of this (large) benchmark process would report the parent's peak.
@@ -257,8 +302,8 @@ def bench_ratelimit(_: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-BENCHES = {"throughput": bench_throughput, "latency": bench_latency, "memory": bench_memory,
-           "ratelimit": bench_ratelimit}
+BENCHES = {"throughput": bench_throughput, "latency": bench_latency, "overhead": bench_overhead,
+           "memory": bench_memory, "ratelimit": bench_ratelimit}
 
 
 def main() -> None:
