@@ -306,19 +306,9 @@ def run_child(args: list[str], env: dict[str, str], work: Path, poller: StatsPol
     return Child(code, seconds, first, peak, stderr)
 
 
-@dataclass
-class Baseline:
-    start: float  # interpreter start + import asyncraft.app, seconds (median)
-    rss_mb: float  # its peak RSS
-
-
-def baseline(env: dict[str, str], work: Path, rounds: int) -> Baseline:
-    starts, peaks = [], []
-    for _ in range(max(3, rounds)):
-        got = run_child(["-"], env, work)
-        starts.append(got.seconds)
-        peaks.append(got.peak_mb)
-    return Baseline(statistics.median(starts), statistics.median(peaks))
+def import_rss_mb(env: dict[str, str], work: Path) -> float:
+    """The memory baseline: peak RSS of the interpreter starting and importing asyncraft.app (median of 3)."""
+    return statistics.median(run_child(["-"], env, work).peak_mb for _ in range(3))
 
 
 def child_env(base_url: str) -> dict[str, str]:
@@ -408,8 +398,8 @@ def bench_resume(ns: argparse.Namespace) -> None:
             work = base / "work"
             work.mkdir(exist_ok=True)
             env = child_env(sim.base_url)
-            bl = baseline(env, work, ns.rounds)
-            print(f"baseline: peak RSS of interpreter start + import asyncraft.app {bl.rss_mb:.0f} MB")
+            base_mb = import_rss_mb(env, work)
+            print(f"baseline: peak RSS of interpreter start + import asyncraft.app {base_mb:.0f} MB")
 
             def show(what: str, n: int, got: Resumed, target: str = "") -> None:
                 print(f"resume {n:,} done, {what}: first request {got.first:.2f} s{target}, median of "
@@ -417,7 +407,7 @@ def bench_resume(ns: argparse.Namespace) -> None:
                       f"measured before each round); recovery "
                       f"{got.recovery:.2f} s; peak RSS {got.peak_mb:.0f} MB"
                       f"{' (target <= 300 MB)' if target and n == 10_000_000 else ''} -> "
-                      f"{got.peak_mb / bl.rss_mb:.1f}x bare import; exit after {got.exit:.1f} s; {NEW_LINES:,} calls "
+                      f"{got.peak_mb / base_mb:.1f}x bare import; exit after {got.exit:.1f} s; {NEW_LINES:,} calls "
                       "paid, none twice", flush=True)
 
             for n in ns.sizes:
@@ -457,8 +447,8 @@ def bench_export(ns: argparse.Namespace) -> None:
         env = child_env("http://127.0.0.1:9/v1")
         floor_script = work / "floor.py"
         floor_script.write_text(FLOOR_SCRIPT)
-        bl = baseline(env, work, ns.rounds)
-        print(f"baseline: interpreter start + import asyncraft.app {bl.start:.2f} s, peak RSS {bl.rss_mb:.0f} MB")
+        base_mb = import_rss_mb(env, work)
+        print(f"baseline: peak RSS of interpreter start + import asyncraft.app {base_mb:.0f} MB")
         for n in ns.sizes:
             gen = state_for(ns, base, n)
             out = work / "export.jsonl"
@@ -485,7 +475,7 @@ def bench_export(ns: argparse.Namespace) -> None:
             print(f"export {n:,} results + {NEW_LINES:,} pending (prompts, .jsonl): {t:.1f} s = "
                   f"{t / rows * 1e6:.1f} us/row, median of {fmtn(times)} -> {t / f:.1f}x reading the input and "
                   f"writing a row per line ({f:.1f} s); peak RSS {max(peaks):.0f} MB"
-                  f"{' (target <= 300 MB)' if n == 10_000_000 else ''} -> {max(peaks) / bl.rss_mb:.1f}x bare "
+                  f"{' (target <= 300 MB)' if n == 10_000_000 else ''} -> {max(peaks) / base_mb:.1f}x bare "
                   "import", flush=True)
             shutil.rmtree(work / "state", ignore_errors=True)
 
