@@ -62,7 +62,7 @@ from asyncraft.storage.layout import FORMAT, seg_name  # noqa: E402
 NEW_LINES = 1_000  # unanswered lines at the end of the input: what an interrupted run leaves
 RUN_RECORDS = 100_000  # done records per run: one compaction every ASYNCRAFT_SNAPSHOT_EVERY (default 100,000)
 COMMIT = 64  # records per commit batch in the generated journal (the "b" field)
-GENERATOR = 1  # bump when what ``generate`` writes changes: kept state dirs are then rebuilt
+GENERATOR = 2  # bump when what ``generate`` writes changes: kept state dirs are then rebuilt
 BYTES_PER_RECORD = 700  # disk a generated record needs: input line, run, index, task cache, a clone's cache, export
 SNAPSHOT_RECORDS = 100_000
 PROSE_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email.message", "functools",
@@ -122,20 +122,27 @@ def done_record(task: Task) -> dict[str, Any]:
 
 
 class Sequencer:
-    """Gives records their seq and commit batch, as the journal writer does."""
+    """Gives records their seq and commit batch, as the journal writer does (a commit never spans segments)."""
 
     def __init__(self, first: int = 1) -> None:
         self.next = first
+        self.origin = first
 
     def line(self, rec: dict[str, Any]) -> bytes:
         seq = self.next
         rec["seq"] = seq
-        rec["b"] = seq - (seq - 1) % COMMIT
+        rec["b"] = seq - (seq - self.origin) % COMMIT
         self.next += 1
         return records.encode(rec)
 
+    def new_segment(self) -> None:
+        self.origin = self.next
+
     def seal(self) -> bytes:
-        return self.line({"k": "seal", "next": self.next + 1})
+        """The last record of a segment; the next segment starts after it."""
+        line = self.line({"k": "seal", "next": self.next + 1})
+        self.new_segment()
+        return line
 
 
 def run_settings(inp: Path, state: Path, base_url: str) -> config.Settings:
@@ -161,9 +168,6 @@ class Generated:
     state: Path
     input: Path
     n: int
-    journal_tail: int
-    seconds: float  # writing input, records, runs and manifest
-    first_open: float  # the first open with the real recovery code (builds the task cache)
 
 
 def check_space(where: Path, n: int) -> None:
@@ -181,10 +185,8 @@ def generate(root: Path, n: int, *, journal_tail: int = 0, inpos: bool = True) -
     key = {"generator": GENERATOR, "n": n, "journal_tail": journal_tail, "inpos": inpos}
     stamp = root / "complete.json"
     inp, state = root / "in.jsonl", root / "state"
-    if stamp.exists():
-        got = json.loads(stamp.read_text())
-        if got["key"] == key:
-            return Generated(root, state, inp, n, journal_tail, got["seconds"], got["first_open"])
+    if stamp.exists() and json.loads(stamp.read_text()) == key:
+        return Generated(root, state, inp, n)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     check_space(root, n)
@@ -225,9 +227,9 @@ def generate(root: Path, n: int, *, journal_tail: int = 0, inpos: bool = True) -
     if len(rec.done) != n or rec.next_seq != seq.next:
         raise SystemExit(f"generated state at {state}: {len(rec.done)} done up to seq {rec.next_seq - 1}, expected "
                          f"{n} up to {seq.next - 1}")
-    stamp.write_text(json.dumps({"key": key, "seconds": seconds, "first_open": first_open}))
+    stamp.write_text(json.dumps(key))
     print(f"  generated in {seconds:.0f}s; first open (builds the task cache) {first_open:.1f}s", flush=True)
-    return Generated(root, state, inp, n, journal_tail, seconds, first_open)
+    return Generated(root, state, inp, n)
 
 
 def open_state(sd: StateDir, fs: FS) -> storage.Recovery:
