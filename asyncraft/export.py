@@ -18,8 +18,7 @@ from asyncraft.jobs.base import InputProblem
 from asyncraft.records import id_key
 from asyncraft.storage import Recovery, open_read_only, readers
 from asyncraft.storage.layout import StateDir
-from asyncraft.storage.runfile import RunDamage
-from asyncraft.storage.tasks import DONE
+from asyncraft.storage.taskindex import DONE, RunDamage
 
 if TYPE_CHECKING:
     from asyncraft.config import Settings

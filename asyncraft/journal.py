@@ -24,11 +24,11 @@ from typing import Any
 
 from asyncraft import records
 from asyncraft.errors import DiskFull, JournalError
+from asyncraft.storage import runfile
 from asyncraft.storage.compact import Compacted, compact, manifest_entry
 from asyncraft.storage.fs import FS
 from asyncraft.storage.layout import StateDir, seg_name
 from asyncraft.storage.recover import Recovery
-from asyncraft.storage.tasks import TaskCache
 
 log = logging.getLogger("asyncraft.journal")
 
@@ -52,7 +52,6 @@ class Journal:
         disk_full_wait: float = 60.0,
         on_error: Callable[[BaseException], None] | None = None,
         on_commit: Callable[[list[dict[str, Any]]], None] | None = None,
-        use_cache: bool = True,
     ) -> None:
         self._sd = sd
         self._fs = fs or FS()
@@ -65,8 +64,6 @@ class Journal:
         self._on_error = on_error
         self.on_commit = on_commit  # sees each batch of records once it is on disk (counters, metrics)
         self.tasks = recovery.tasks
-        self._use_cache = use_cache
-        self._cache: TaskCache | None = None  # the compactor thread's own connection
         # For the health check: a wedged writer shows as records waiting while nothing commits. Kept
         # per commit, not per record: when the queue last became non-empty, when this commit began.
         self._waiting_since: float | None = None
@@ -291,13 +288,10 @@ class Journal:
         if not todo:
             return
         self._since_snapshot = 0
-        self._compaction = loop.run_in_executor(self._compactor, self._compact, todo, list(self._chain))
+        # Every record up to the seal is committed and applied: these are the counts the manifest records.
+        self._compaction = loop.run_in_executor(self._compactor, compact, self._fs, self._sd, todo, list(self._chain),
+                                                self.tasks.counts())
         self._compacting = todo
-
-    def _compact(self, todo: list[tuple[int, int, Path]], chain: list[dict[str, Any]]) -> Compacted:
-        if self._cache is None and self._use_cache:
-            self._cache = TaskCache.open(self._sd.cache_path)
-        return compact(self._fs, self._sd, todo, chain, self._cache)
 
     def _reap_compaction(self) -> None:
         fut = self._compaction
@@ -322,8 +316,7 @@ class Journal:
         self._chain = done.chain
         compacted = {p for _, _, p in self._compacting}
         self._sealed = [s for s in self._sealed if s[2] not in compacted]
-        if done.cached:
-            self.tasks.forget_through(done.header.last)
+        self.tasks.add_run(runfile.open_tasks(runfile.index_path_for(self._sd.runs / done.header.name)))
         self.last_snapshot = time.time()
         log.debug("snapshot through seq %d (%d runs)", done.header.last, len(done.chain))
 
@@ -343,8 +336,6 @@ class Journal:
                 break
         self._io.shutdown(wait=True)
         self._compactor.shutdown(wait=True)
-        if self._cache is not None:
-            self._cache.close()
 
     def abandon(self) -> None:
         """Stop without compacting (after a fatal I/O error): nothing more is started; a compaction under way

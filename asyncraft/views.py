@@ -21,7 +21,7 @@ from asyncraft.errors import ConfigError, StateDamaged
 from asyncraft.storage import ensure_current, open_read_only, readers, runfile
 from asyncraft.storage.layout import StateDir
 from asyncraft.storage.resolve import Finding, resolve
-from asyncraft.storage.runfile import RunDamage
+from asyncraft.storage.taskindex import RunDamage
 from asyncraft.text import safe, safe_json
 
 

@@ -11,8 +11,7 @@ and at the end) it materialises the disk states a power cut could leave there:
 - the last unsynced write torn (a prefix kept);
 - unsynced data kept out of order: a later block kept while an earlier one reads as zeros (a hole).
 
-Files under ``cache/`` (the derived SQLite cache, which has its own crash safety) and the lock are left out:
-recovery rebuilds the cache.
+The lock and the views for people (status.json, errors.jsonl) are left out: recovery does not read them.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 BLOCK = 4096
-SKIP = ("cache/", "lock", "status.json", "errors.jsonl")
+SKIP = ("lock", "status.json", "errors.jsonl")
 
 
 @dataclass
@@ -42,7 +41,7 @@ class CrashState:
     files: dict[str, bytes]
 
     def materialise(self, root: Path) -> None:
-        for d in ("journal", "runs", "snapshots", "cache", "damaged"):
+        for d in ("journal", "runs", "snapshots", "damaged"):
             (root / d).mkdir(parents=True, exist_ok=True)
         for rel, data in self.files.items():
             path = root / rel
@@ -51,7 +50,7 @@ class CrashState:
 
 
 def _skip(rel: str) -> bool:
-    return rel.startswith(SKIP[0]) or rel in SKIP[1:]
+    return rel in SKIP
 
 
 def snapshot_files(root: Path) -> dict[str, bytes]:

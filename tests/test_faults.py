@@ -406,7 +406,7 @@ def test_io_error(case: str, tmp_path: Path, fsim: SimProcess, job: Job) -> None
 
 
 def test_random_fsync_errors(tmp_path: Path, fsim: SimProcess, job: Job) -> None:
-    """A third of all fsync and fdatasync calls fail (SQLite's too, in the task cache): every run finishes or
+    """A third of all fsync and fdatasync calls fail : every run finishes or
     stops with 74, wherever it was, and a start without faults finishes."""
     ledger = Ledger(fsim, job, tmp_path / "state", cli_env(fsim, ASYNCRAFT_SNAPSHOT_EVERY="10"))
     exits = []

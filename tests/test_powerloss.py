@@ -27,7 +27,7 @@ import zstandard
 from asyncraft import records, storage
 from asyncraft.journal import Journal
 from asyncraft.records import content_id, id_key
-from asyncraft.storage import FS, StateDir, migrate, runfile
+from asyncraft.storage import FS, StateDir, migrate, runfile, taskindex
 from asyncraft.storage.fs import RecordingFS
 from asyncraft.storage.resolve import resolve
 from asyncraft.views import verify
@@ -330,8 +330,10 @@ def _mutant_no_crc_on_run_data(mp: pytest.MonkeyPatch) -> None:
         decode = staticmethod(_decode_without_crc)
         encode = staticmethod(records.encode)
 
+    no_crc = type("Z", (), {"crc32": staticmethod(lambda data, start=0: 0)})
     mp.setattr(runfile, "records", NoCrc)
-    mp.setattr(runfile, "zlib", type("Z", (), {"crc32": staticmethod(lambda data, start=0: 0)}))
+    mp.setattr(runfile, "zlib", no_crc)
+    mp.setattr(taskindex, "zlib", no_crc)
     mp.setattr(runfile, "check_data_crc", lambda path, header: True)
     _ = zlib  # the real module stays untouched for everything else
 

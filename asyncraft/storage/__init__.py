@@ -1,5 +1,5 @@
 """What is on disk: the state dir's layout, the one resolver every command uses, recovery, compaction, salvage,
-the derived task cache, readers, and format migration. Every write goes through ``fs.FS``.
+task states, readers, and format migration. Every write goes through ``fs.FS``.
 
 The modules, by concern:
 
@@ -10,7 +10,8 @@ The modules, by concern:
 - ``recover``: opening a state dir for a run (or a read-only command).
 - ``compact``: journal segments into a run and a manifest.
 - ``salvage``: setting damage aside.
-- ``tasks``: task states on disk (SQLite cache) and in memory.
+- ``taskindex``: a run's tasks sorted by id with a membership filter, in its index.
+- ``tasks``: task states across the runs and the live journal.
 - ``readers``: records in seq order, and a task's record by id.
 - ``migrate``: state format 1 to 2.
 """

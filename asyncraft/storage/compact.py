@@ -19,8 +19,7 @@ from asyncraft import records
 from asyncraft.storage import runfile
 from asyncraft.storage.fs import FS
 from asyncraft.storage.layout import StateDir, manifest_name
-from asyncraft.storage.runfile import RunHeader, RunIndex
-from asyncraft.storage.tasks import TaskCache
+from asyncraft.storage.runfile import RunHeader
 
 log = logging.getLogger("asyncraft.storage")
 
@@ -31,7 +30,6 @@ KEEP_MANIFESTS = 2
 class Compacted:
     header: RunHeader
     chain: list[dict[str, Any]]  # the manifest's runs after this compaction
-    cached: bool  # the task cache now holds the run (the writer may forget its records)
 
 
 def manifest_entry(header: RunHeader) -> dict[str, Any]:
@@ -54,40 +52,29 @@ def segment_lines(segments: list[tuple[int, int, Path]]) -> Iterator[bytes]:
             seq += 1
 
 
-def write_manifest(fs: FS, sd: StateDir, chain: list[dict[str, Any]], seq: int) -> None:
+def write_manifest(fs: FS, sd: StateDir, chain: list[dict[str, Any]], seq: int, counts: dict[str, int]) -> None:
+    """The manifest naming ``chain`` (which covers seq 1..``seq``), with the task counts through ``seq``."""
     manifest = records.encode({"k": "manifest", "v": 2, "seq": seq, "runs": chain, "next": seq + 1,
-                               "t": round(time.time(), 3)})
+                               "counts": counts, "t": round(time.time(), 3)})
     fs.write_atomic(sd.snapshots / manifest_name(seq), manifest, mid="snapshot.mid_write",
                     after_rename="snapshot.after_rename")
 
 
 def compact(fs: FS, sd: StateDir, segments: list[tuple[int, int, Path]], chain: list[dict[str, Any]],
-            cache: TaskCache | None) -> Compacted:
-    """Turn sealed segments (each ending with its seal) into one run; the next segment already exists."""
+            counts: dict[str, int]) -> Compacted:
+    """Turn sealed segments (each ending with its seal) into one run; the next segment already exists.
+    ``counts`` are the task counts through the last seq of the segments."""
     first = segments[0][0]
     data, index_blob, header = runfile.build_run(segment_lines(segments), first)
     fs.write_atomic(sd.runs / header.name, data)
     fs.fp.hit("compact.mid_index")
     fs.write_atomic(runfile.index_path_for(sd.runs / header.name), index_blob)
     new_chain = [*chain, manifest_entry(header)]
-    write_manifest(fs, sd, new_chain, header.last)
+    write_manifest(fs, sd, new_chain, header.last, counts)
     fs.fp.hit("snapshot.before_release")
     for _first, _last, path in segments:
         fs.unlink(path)
     fs.fsync_dir(sd.journal)
     for _seq, old in sd.manifests()[KEEP_MANIFESTS:]:
         fs.unlink(old)
-    cached = False
-    if cache is not None:
-        try:
-            cache.apply_run(len(chain), _parse_index(index_blob, header))
-            cached = True
-        except Exception as exc:  # the cache is derived: the next start brings it up to date
-            log.warning("task cache not updated (%s); it is caught up at the next start", exc)
-    return Compacted(header, new_chain, cached)
-
-
-def _parse_index(blob: bytes, header: RunHeader) -> RunIndex:
-    body = blob[blob.find(b"\n") + 1 :]
-    split = header.frames * runfile.FRAME.size
-    return RunIndex(header, list(runfile.FRAME.iter_unpack(body[:split])), body[split:])
+    return Compacted(header, new_chain)

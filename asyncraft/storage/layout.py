@@ -5,9 +5,9 @@ Layout (state format 2)::
     asyncraft.json                       job kind, configuration fingerprint, input path, state format
     journal/<first-seq>.jsonl            journal segments: plain JSONL (``tail -f | jq`` works)
     runs/<first>-<last>-<crc>.zst        sealed runs: zstd frames of journal records (``zstdcat | jq`` works)
-    runs/<first>-<last>-<crc>.idx        a run's index: header line, frame table, one entry per record
+    runs/<first>-<last>-<crc>.idx        a run's index: header line, frame table, one entry per record, and its
+                                         tasks sorted by id with a membership filter (see taskindex)
     snapshots/manifest-<seq>.json        manifests: the runs that cover seq 1..<seq>, one checksummed line
-    cache/tasks.sqlite                   derived cache of task states; rebuilt whenever it is missing or behind
     errors.jsonl                         input problems and failed tasks, for people (rebuilt at every start)
     status.json                          live counters of a running job
     damaged/                             bytes set aside by --salvage
@@ -67,19 +67,17 @@ class StateDir:
         self.journal = self.root / "journal"
         self.runs = self.root / "runs"
         self.snapshots = self.root / "snapshots"
-        self.cache = self.root / "cache"
         self.damaged = self.root / "damaged"
         self.meta_path = self.root / "asyncraft.json"
         self.errors_path = self.root / "errors.jsonl"
         self.status_path = self.root / "status.json"
         self.lock_path = self.root / "lock"
-        self.cache_path = self.cache / "tasks.sqlite"
 
     def exists(self) -> bool:
         return self.meta_path.exists()
 
     def create_dirs(self, fs: FS) -> None:
-        for d in (self.root, self.journal, self.runs, self.snapshots, self.cache):
+        for d in (self.root, self.journal, self.runs, self.snapshots):
             fs.mkdir(d)
 
     # -- one writer at a time ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from asyncraft.storage import runfile
 from asyncraft.storage.compact import manifest_entry, write_manifest
 from asyncraft.storage.fs import FS
 from asyncraft.storage.layout import FORMAT, MANIFEST_RE, RUN_RE, StateDir, seg_name
+from asyncraft.storage.tasks import count_from_scratch
 
 log = logging.getLogger("asyncraft.storage")
 
@@ -73,8 +74,6 @@ def migrate(sd: StateDir, fs: FS, *, salvage: bool = False) -> list[str]:
     for p in list(sd.snapshots.iterdir()) if sd.snapshots.is_dir() else []:
         if MANIFEST_RE.match(p.name) or p.name.endswith(".tmp"):
             fs.unlink(p)
-    for d in (sd.cache,):
-        fs.mkdir(d)
     lines, last, lost = _v1_records(sd, salvage=salvage)
     if lost:
         notes.append(f"format 1 state had {lost} unreadable record(s); placeholders written, their tasks will be "
@@ -98,7 +97,12 @@ def migrate(sd: StateDir, fs: FS, *, salvage: bool = False) -> list[str]:
         fs.rename(cont, cont.with_name(cont.name + ".format1"))
     fs.create_empty(cont)
     if chain:
-        write_manifest(fs, sd, chain, last)
+        runs = [runfile.open_tasks(sd.index_path(item["name"])) for item in chain]
+        try:
+            write_manifest(fs, sd, chain, last, count_from_scratch(runs))
+        finally:
+            for run in runs:
+                run.close()
     meta["format"] = FORMAT
     sd.write_meta(fs, meta)
     notes.append(f"migrated the state dir from format 1 to {FORMAT} ({last} records)")

@@ -16,8 +16,8 @@ from asyncraft import records
 from asyncraft.storage import runfile
 from asyncraft.storage.recover import Recovery
 from asyncraft.storage.resolve import StateView
-from asyncraft.storage.runfile import RunDamage, RunReader
-from asyncraft.storage.tasks import DONE, FAILED, NONE, merge_state
+from asyncraft.storage.runfile import RunReader
+from asyncraft.storage.taskindex import DONE, FAILED, NONE, RunDamage, merge_state
 
 
 @dataclass(frozen=True, slots=True)

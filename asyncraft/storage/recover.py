@@ -24,8 +24,9 @@ from asyncraft.storage import runfile
 from asyncraft.storage.fs import FS
 from asyncraft.storage.layout import StateDir, parse_run_name, seg_name
 from asyncraft.storage.resolve import RunRef, SegRef, StateView, resolve
-from asyncraft.storage.runfile import RunDamage, RunIndex, RunReader
-from asyncraft.storage.tasks import DONE, FAILED, IERR, NONE, Row, TaskCache, TaskStates, merge_state
+from asyncraft.storage.runfile import RunIndex, RunReader
+from asyncraft.storage.taskindex import NONE, RunDamage, merge_state
+from asyncraft.storage.tasks import TaskStates, count_from_scratch, lookup
 
 log = logging.getLogger("asyncraft.storage")
 
@@ -102,13 +103,13 @@ def recover(sd: StateDir, fs: FS, *, salvage: bool = False, wants: WantsHook | N
         view.refuse_if_damaged()
     elif damage := unsalvaged(sd, view):
         raise StateDamaged(f"{sd.root}: --salvage could not repair everything: {damage[0]}", damage)
-    return _rebuild(sd, view, cache_writable=True, wants=wants, on_payload=on_payload, notes=notes)
+    return _rebuild(sd, view, wants=wants, on_payload=on_payload, notes=notes)
 
 
 def open_read(sd: StateDir, *, wants: WantsHook | None = None, on_payload: PayloadHook | None = None) -> Recovery:
     """The same view for a read-only command; damage is reported by the caller (``view.damage``)."""
     view = resolve(sd)
-    return _rebuild(sd, view, cache_writable=not sd.is_locked(), wants=wants, on_payload=on_payload, notes=[])
+    return _rebuild(sd, view, wants=wants, on_payload=on_payload, notes=[])
 
 
 def tidy(sd: StateDir, fs: FS, view: StateView) -> list[str]:
@@ -167,10 +168,10 @@ def _segment_ranges(view: StateView) -> list[tuple[SegRef, int]]:
     return [(seg, segs[i + 1].first - 1 if i + 1 < len(segs) else seg.last_seq) for i, seg in enumerate(segs)]
 
 
-def _rebuild(sd: StateDir, view: StateView, *, cache_writable: bool, wants: WantsHook | None,
+def _rebuild(sd: StateDir, view: StateView, *, wants: WantsHook | None,
              on_payload: PayloadHook | None, notes: list[str]) -> Recovery:
     t0 = time.perf_counter()
-    tasks = _task_states(sd, view, writable=cache_writable)
+    tasks = _task_states(sd, view)
     rec = Recovery(view, view.next_seq, tasks, notes=list(notes))
     for ref in view.runs:
         for name, value in ref.header.counters.items():
@@ -252,50 +253,30 @@ def _damaged(sd: StateDir, exc: RunDamage) -> StateDamaged:
                         "redo the tasks whose records are lost.")
 
 
-def _task_states(sd: StateDir, view: StateView, *, writable: bool) -> TaskStates:
-    """The cache, brought up to the chain (writable), or the cache plus the runs it lacks in memory."""
-    names = [ref.header.name for ref in view.runs]
-    cache = TaskCache.open(sd.cache_path, readonly=not writable) if (writable or sd.cache_path.exists()) else None
-    if cache is not None:
-        held = cache.chain()
-        if held != names[: len(held)]:
-            if writable:
-                cache.reset()
-                held = []
-            else:
-                cache.close()
-                cache = None
-                held = []
-        if writable and cache is not None:
-            for i in range(len(held), len(names)):
-                cache.apply_run(i, _read_index(view.runs[i]))
-            return TaskStates(cache)
-    else:
-        held = []
-    # Read-only while a run writes (or no cache at all): the runs the cache lacks, in memory.
-    overlay: dict[bytes, Row] = {}
-    counts = dict(cache.counts()) if cache is not None else {"done": 0, "failed": 0, "ierr": 0}
-    for i in range(len(held), len(names)):
-        index = _read_index(view.runs[i])
-        for j, (tid, kind, _stage, frame, offset) in enumerate(index.iter_entries()):
-            if kind == Kind.META or not any(tid):
-                continue
-            old = overlay.get(tid)
-            if old is None and cache is not None:
-                old = cache.get(tid)
-            state0 = old.state if old is not None else NONE
-            if kind == Kind.ATTEMPT:
-                row = old or Row(NONE, 0, 0, i, 0, 0, 0)
-                overlay[tid] = Row(row.state, row.attempts + 1, index.header.first + j, row.run, row.frame,
-                                   row.offset, row.seq)
-                continue
-            state = merge_state(state0, kind)
-            if state == kind:
-                overlay[tid] = Row(state, old.attempts if old else 0, old.last_attempt if old else 0, i, frame,
-                                   offset, index.header.first + j)
-            if state != state0:
-                for s, d in ((state0, -1), (state, +1)):
-                    name = {DONE: "done", FAILED: "failed", IERR: "ierr"}.get(s)
-                    if name:
-                        counts[name] = counts.get(name, 0) + d
-    return TaskStates(cache, overlay, counts)
+def _task_states(sd: StateDir, view: StateView) -> TaskStates:
+    """Task lookups over the chain's runs, with the counts the newest manifest recorded (brought up to the chain's
+    end by the runs after it, if a compaction stopped before its manifest)."""
+    runs = []
+    try:
+        for ref in view.runs:
+            runs.append(runfile.open_tasks(runfile.index_path_for(ref.path)))
+    except FileNotFoundError:
+        for run in runs:
+            run.close()
+        raise StateDamaged(f"{runfile.index_path_for(ref.path)}: run index is missing; resume with --salvage") from None
+    except RunDamage as exc:
+        for run in runs:
+            run.close()
+        raise _damaged(sd, exc) from None
+    manifest = view.manifest
+    listed = sum(1 for ref in view.runs if ref.listed)
+    if manifest is None or not isinstance(manifest.get("counts"), dict) or listed != len(manifest["runs"]):
+        return TaskStates(runs, count_from_scratch(runs) if runs else None)
+    states = TaskStates(runs[:listed], dict(manifest["counts"]))
+    for run in runs[listed:]:  # complete runs the manifest does not name yet
+        for key, entry in run.entries():
+            before = lookup(states.runs, key)
+            b = before.state if before is not None else NONE
+            states._transition(b, merge_state(b, entry.state))
+        states.runs.append(run)
+    return states

@@ -32,7 +32,8 @@ from asyncraft import records
 from asyncraft.errors import StateDamaged
 from asyncraft.storage import runfile
 from asyncraft.storage.layout import StateDir, seg_name
-from asyncraft.storage.runfile import RunDamage, RunHeader
+from asyncraft.storage.runfile import RunHeader
+from asyncraft.storage.taskindex import RunDamage
 
 Visit = Callable[[dict[str, Any]], None]
 

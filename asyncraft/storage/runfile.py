@@ -26,8 +26,10 @@ import zstandard
 
 from asyncraft import records
 from asyncraft.records import Kind, kind_of
+from asyncraft.storage import taskindex
 from asyncraft.storage.fs import FS
 from asyncraft.storage.layout import run_name
+from asyncraft.storage.taskindex import RunDamage
 
 FRAME_RAW = 128 << 10
 LEVEL = 3
@@ -36,16 +38,6 @@ ENTRY = struct.Struct("<16sBBII")  # task id (zeros if none), kind, stage code, 
 ZERO_ID = bytes(16)
 # Meta records that are not carried forward as "latest": structure of the journal itself.
 UNCARRIED = frozenset({"seal", "lost", "manifest"})
-
-
-class RunDamage(Exception):
-    """A run or its index does not hold what it should; ``offset`` is a byte offset in ``path``."""
-
-    def __init__(self, path: Path, offset: int, problem: str) -> None:
-        super().__init__(f"{path}: {problem} (at byte {offset})")
-        self.path = path
-        self.offset = offset
-        self.problem = problem
 
 
 def record_usage(rec: dict[str, Any]) -> tuple[int, int]:
@@ -71,19 +63,23 @@ class RunHeader:
     body_bytes: int
     kind_stages: list[str]  # "done:prompts", ...: which payloads a run holds, so a resume can skip the others
     latest: dict[str, dict[str, Any]]  # the newest meta record of each kind (input progress, job notes)
+    tasks: int  # tasks the run settles or touches (entries of the task index)
+    bloom_m: int  # bits of the task filter
+    sections: dict[str, list[int]]  # name -> [offset in the body, length, crc32]
 
     def as_dict(self) -> dict[str, Any]:
         return {"k": "runindex", "v": 2, "name": self.name, "first": self.first, "last": self.last,
                 "count": self.count, "data_bytes": self.data_bytes, "data_crc": self.data_crc,
                 "frames": self.frames, "stages": self.stages, "counters": self.counters, "kinds": self.kinds,
                 "body_crc": self.body_crc, "body_bytes": self.body_bytes, "kind_stages": self.kind_stages,
-                "latest": self.latest}
+                "latest": self.latest, "tasks": self.tasks, "bloom_m": self.bloom_m, "sections": self.sections}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunHeader:
         return cls(d["name"], d["first"], d["last"], d["count"], d["data_bytes"], d["data_crc"], d["frames"],
                    list(d["stages"]), dict(d["counters"]), dict(d["kinds"]), d["body_crc"], d["body_bytes"],
-                   list(d["kind_stages"]), dict(d["latest"]))
+                   list(d["kind_stages"]), dict(d["latest"]), int(d["tasks"]), int(d["bloom_m"]),
+                   {k: list(v) for k, v in d["sections"].items()})
 
 
 @dataclass
@@ -117,6 +113,7 @@ def build_run(lines: Iterable[bytes], first: int) -> tuple[bytes, bytes, RunHead
     seq = first
     latest: dict[str, dict[str, Any]] = {}
     kind_stages: set[str] = set()
+    tasks: dict[bytes, list[int]] = {}  # id -> [state, attempts, frame, offset, seq - first]
 
     def flush() -> None:
         nonlocal raw_len, offset
@@ -141,6 +138,16 @@ def build_run(lines: Iterable[bytes], first: int) -> tuple[bytes, bytes, RunHead
         tid = rec.get("id")
         key = bytes.fromhex(tid) if isinstance(tid, str) and len(tid) == 32 else ZERO_ID
         entries.append(ENTRY.pack(key, int(kind), code, len(frames), raw_len))
+        if key != ZERO_ID and kind != Kind.META:
+            t = tasks.get(key)
+            if t is None:
+                t = tasks[key] = [taskindex.NONE, 0, 0, 0, 0]
+            if kind == Kind.ATTEMPT:
+                t[1] += 1
+            else:
+                state = taskindex.merge_state(t[0], int(kind))
+                if state == kind:  # this record decides the task's state in the run: remember where it is
+                    t[0], t[2], t[3], t[4] = state, len(frames), raw_len, seq - first
         kinds[rec.get("k", "")] += 1
         if kind in (Kind.DONE, Kind.FAIL, Kind.ATTEMPT) and rec.get("usage"):
             p, c = record_usage(rec)
@@ -161,10 +168,17 @@ def build_run(lines: Iterable[bytes], first: int) -> tuple[bytes, bytes, RunHead
         raise ValueError("a run needs at least one record")
     data = b"".join(blobs)
     crc = zlib.crc32(data)
-    body = b"".join(FRAME.pack(*f) for f in frames) + b"".join(entries)
+    parts, info = taskindex.build_sections(tasks)
+    parts = {"frames": b"".join(FRAME.pack(*f) for f in frames), "entries": b"".join(entries), **parts}
+    sections: dict[str, list[int]] = {}
+    offset = 0
+    for name, blob in parts.items():
+        sections[name] = [offset, len(blob), zlib.crc32(blob)]
+        offset += len(blob)
+    body = b"".join(parts.values())
     header = RunHeader(run_name(first, seq - 1, crc), first, seq - 1, seq - first, len(data), crc, len(frames),
                        list(stages), dict(counters), dict(kinds), zlib.crc32(body), len(body), sorted(kind_stages),
-                       latest)
+                       latest, info["tasks"], info["bloom_m"], sections)
     return data, records.encode(header.as_dict()) + body, header
 
 
@@ -198,18 +212,26 @@ def read_header(path: Path) -> RunHeader:
 
 
 def read_index(path: Path) -> RunIndex:
-    """The whole index, its body checked against the header's CRC."""
+    """The frames and record entries of an index, the whole body checked against the header's CRC."""
     blob = path.read_bytes()
     nl = blob.find(b"\n")
     header = read_header(path)
     body = blob[nl + 1 :]
     if len(body) != header.body_bytes or zlib.crc32(body) != header.body_crc:
         raise RunDamage(path, nl + 1, "index body is damaged (checksum mismatch)")
-    split = header.frames * FRAME.size
-    if len(body) - split != header.count * ENTRY.size:
+    fo, fl, _ = header.sections["frames"]
+    eo, el, _ = header.sections["entries"]
+    if fl != header.frames * FRAME.size or el != header.count * ENTRY.size:
         raise RunDamage(path, nl + 1, "index body has the wrong size")
-    frames = list(FRAME.iter_unpack(body[:split]))
-    return RunIndex(header, frames, body[split:])
+    return RunIndex(header, list(FRAME.iter_unpack(body[fo : fo + fl])), body[eo : eo + el])
+
+
+def open_tasks(path: Path) -> taskindex.RunTasks:
+    """The task lookups of a run's index (``path`` is the .idx file)."""
+    header = read_header(path)
+    with open(path, "rb") as fh:
+        body_start = len(fh.readline(1 << 20))
+    return taskindex.RunTasks(path, body_start, header.as_dict())
 
 
 class RunReader:

@@ -22,7 +22,8 @@ from asyncraft.storage.compact import manifest_entry, write_manifest
 from asyncraft.storage.fs import FS
 from asyncraft.storage.layout import StateDir, seg_name
 from asyncraft.storage.resolve import Finding, StateView, resolve
-from asyncraft.storage.runfile import RunDamage
+from asyncraft.storage.taskindex import RunDamage
+from asyncraft.storage.tasks import count_from_scratch
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -47,7 +48,12 @@ def salvage(sd: StateDir, fs: FS, view: StateView) -> list[str]:
         notes.append("set the damaged asyncraft.json aside; it is written again from this run's configuration")
     chain = _salvage_runs(sd, fs, view, notes, stamp)
     if chain:
-        write_manifest(fs, sd, chain, chain[-1]["last"])
+        runs = [runfile.open_tasks(sd.index_path(item["name"])) for item in chain]
+        try:
+            write_manifest(fs, sd, chain, chain[-1]["last"], count_from_scratch(runs))
+        finally:
+            for run in runs:
+                run.close()
     view = resolve(sd)
     _salvage_journal(sd, fs, view, notes, stamp)
     if notes:

@@ -1,262 +1,126 @@
-"""Which tasks are done, failed, retried or bad input: kept on disk, so a restart does not grow with history.
+"""Which tasks are done, failed, retried or bad input, without holding the history in memory.
 
-The truth is the journal and the runs. ``TaskCache`` is a derived index of the runs in a SQLite file
-(``cache/tasks.sqlite``): one row per task with its state, the number of rejected attempts and where its
-deciding record is. SQLite because it answers a lookup in a B-tree whatever the number of runs, it is in the
-standard library, and in WAL mode a crash or power cut leaves it consistent (at worst behind). It is brought up
-to date from the runs' indexes at every start and after every compaction; when it is missing, behind, or names
-other runs (after ``--salvage``), it is caught up or rebuilt, never trusted over the runs.
+The runs answer for what they hold (each run's index finds a task by id: see ``taskindex``); the live journal's
+records (at most one snapshot's worth) are kept in a dict. ``TaskStates`` is what the scheduler sees: set-like
+views ``done``, ``failed`` and ``input_errors`` and an ``attempts`` mapping over both. A task's state across runs:
+the newest run that decides it, unless an older one has it done (done always wins); attempts add up.
 
-``TaskStates`` is what the scheduler sees: the cache plus the records of the live journal (at most one
-snapshot's worth, in memory), with set-like views ``done``, ``failed`` and ``input_errors`` and an ``attempts``
-mapping.
+The counts (how many tasks are done, failed, bad input) are kept as records are applied, and written into each
+manifest, so a start does not count the runs again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from asyncraft.records import Kind, kind_of
-from asyncraft.storage.runfile import ZERO_ID, RunIndex
+from asyncraft.storage.taskindex import (
+    BLOOM_BLOCK,
+    DONE,
+    FAILED,
+    FILTER_LINE,
+    IERR,
+    NONE,
+    RunTasks,
+    hashes,
+    merge_state,
+)
 
-NONE, DONE, FAILED, IERR = 0, int(Kind.DONE), int(Kind.FAIL), int(Kind.IERR)
-_LOOKUP_CHUNK = 500
 MEMO_ROWS = 65_536
-SCHEMA_VERSION = 1
-
-
-def merge_state(old: int, new: int) -> int:
-    """Done beats everything; a failure beats an input problem and nothing; an input problem only fills nothing."""
-    if old == DONE or new == DONE:
-        return DONE
-    if old == FAILED or new == FAILED:
-        return FAILED
-    return old or new
+STATE_NAMES = {DONE: "done", FAILED: "failed", IERR: "ierr"}
 
 
 @dataclass(slots=True)
 class Row:
+    """A task's state in the runs: the deciding entry's run (position in the chain) and place, and attempts."""
+
     state: int
     attempts: int
-    last_attempt: int  # seq of the newest attempt counted
-    run: int  # position of the run in the chain (-1: a journal segment)
+    run: int
     frame: int
     offset: int
-    seq: int  # seq of the deciding record (0: none)
+    seq: int
 
 
-class TaskCache:
-    """The SQLite index of the runs. One instance per thread (a connection is not shared across threads)."""
-
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self.path = path
-        self.readonly = readonly
-        if readonly:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._create()
-        self._lock = threading.Lock()
-
-    @classmethod
-    def open(cls, path: Path, *, readonly: bool = False) -> TaskCache | None:
-        """Open (or, writable, create) the cache; None when it cannot be used (then it is rebuilt or skipped)."""
-        try:
-            cache = cls(path, readonly=readonly)
-            cache.chain()
-            return cache
-        except sqlite3.Error:
-            if readonly:
-                return None
-        # Not a usable SQLite file (damaged, or written by something else): it is derived, so start afresh.
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                Path(str(path) + suffix).unlink()
-        try:
-            return cls(path)
-        except sqlite3.Error:
-            return None
-
-    def _create(self) -> None:
-        self._db.executescript("""
-            CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS tasks (
-                id BLOB PRIMARY KEY, state INTEGER NOT NULL, attempts INTEGER NOT NULL,
-                last_attempt INTEGER NOT NULL, run INTEGER NOT NULL, frame INTEGER NOT NULL,
-                off INTEGER NOT NULL, seq INTEGER NOT NULL
-            ) WITHOUT ROWID;
-        """)
-        got = self._db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
-        if got is None or int(got[0]) != SCHEMA_VERSION:
-            self._db.execute("DELETE FROM tasks")
-            self._db.execute("DELETE FROM meta")
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-
-    def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
-
-    # -- what it covers -----------------------------------------------------------------------------
-
-    def _meta(self, key: str, default: Any) -> Any:
-        got = self._db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
-        return orjson.loads(got[0]) if got is not None else default
-
-    def chain(self) -> list[str]:
-        """Names of the runs the cache holds, in order."""
-        value: list[str] = self._meta("chain", [])
-        return value
-
-    def counts(self) -> dict[str, int]:
-        value: dict[str, int] = self._meta("counts", {"done": 0, "failed": 0, "ierr": 0})
-        return value
-
-    def reset(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("DELETE FROM tasks")
-        self._db.execute("DELETE FROM meta WHERE k != 'schema'")
-        self._db.execute("COMMIT")
-
-    # -- lookups ------------------------------------------------------------------------------------
-
-    def get(self, key: bytes) -> Row | None:
-        with self._lock:
-            got = self._db.execute("SELECT state, attempts, last_attempt, run, frame, off, seq FROM tasks "
-                                   "WHERE id = ?", (key,)).fetchone()
-        return Row(*got) if got is not None else None
-
-    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Row]:
-        out: dict[bytes, Row] = {}
-        batch = list(keys)
-        with self._lock:
-            for i in range(0, len(batch), _LOOKUP_CHUNK):
-                part = batch[i : i + _LOOKUP_CHUNK]
-                marks = ",".join("?" * len(part))
-                for row in self._db.execute("SELECT id, state, attempts, last_attempt, run, frame, off, seq FROM "
-                                            f"tasks WHERE id IN ({marks})", part):
-                    out[row[0]] = Row(*row[1:])
-        return out
-
-    # -- applying a run -----------------------------------------------------------------------------
-
-    def apply_run(self, position: int, index: RunIndex) -> None:
-        """Add one run (the next in the chain) in one transaction."""
-        first = index.header.first
-        effects: dict[bytes, Row] = {}
-        for i, (tid, kind, _stage, frame, offset) in enumerate(index.iter_entries()):
-            if tid == ZERO_ID or kind == Kind.META:
-                continue
-            seq = first + i
-            e = effects.get(tid)
-            if e is None:
-                e = effects[tid] = Row(NONE, 0, 0, position, 0, 0, 0)
-            if kind == Kind.ATTEMPT:
-                e.attempts += 1
-                e.last_attempt = seq
-                continue
-            new = merge_state(e.state, kind)
-            if new == kind:  # this record decides the task's state: remember where it is
-                e.state, e.frame, e.offset, e.seq = new, frame, offset, seq
-        counts = self.counts()
-        rows = []
-        old_rows = self.get_many(effects)
-        for key, e in effects.items():
-            old = old_rows.get(key)
-            if old is None:
-                merged = e
-            else:
-                state = merge_state(old.state, e.state)
-                takes_new = e.seq and (state == e.state)
-                merged = Row(state, old.attempts + e.attempts, max(old.last_attempt, e.last_attempt),
-                             e.run if takes_new else old.run, e.frame if takes_new else old.frame,
-                             e.offset if takes_new else old.offset, e.seq if takes_new else old.seq)
-                _count(counts, old.state, -1)
-            _count(counts, merged.state, +1)
-            rows.append((key, merged.state, merged.attempts, merged.last_attempt, merged.run, merged.frame,
-                         merged.offset, merged.seq))
-        chain = self.chain()
-        if len(chain) != position:
-            raise ValueError(f"the cache holds {len(chain)} runs; run {position} cannot be added")
-        chain.append(index.header.name)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('chain', ?)", (orjson.dumps(chain).decode(),))
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('counts', ?)", (orjson.dumps(counts).decode(),))
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('covered', ?)", (str(index.header.last),))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
-
-def _count(counts: dict[str, int], state: int, delta: int) -> None:
-    name = {DONE: "done", FAILED: "failed", IERR: "ierr"}.get(state)
-    if name is not None:
-        counts[name] = counts.get(name, 0) + delta
-
-
-# -- the scheduler's view ---------------------------------------------------------------------------------
+def lookup(runs: Sequence[RunTasks], key: bytes) -> Row | None:
+    """The state of ``key`` across ``runs`` (oldest first). The filter test is inlined: a lookup touches every
+    run's filter, and a resume or an export makes one lookup per input line."""
+    state, attempts, found = NONE, 0, None
+    h1, mask = hashes(key)
+    for i in range(len(runs) - 1, -1, -1):
+        run = runs[i]
+        if not run.n:
+            continue
+        lines, at, mm, ok = run.filter_params()
+        pos = (h1 % lines) * FILTER_LINE
+        if not ok[pos // BLOOM_BLOCK]:
+            run.check_bloom_block(pos // BLOOM_BLOCK)
+        start = at + pos
+        if int.from_bytes(mm[start : start + FILTER_LINE], "little") & mask != mask:
+            continue
+        e = run.find(key)
+        if e is None:
+            continue
+        attempts += e.attempts
+        if e.state and found is None:
+            found, state = (i, e), e.state
+        elif e.state == DONE:
+            found, state = (i, e), DONE
+        if state == DONE:
+            break  # a done task has no older attempts that matter
+    if found is None:
+        return Row(NONE, attempts, -1, 0, 0, 0) if attempts else None
+    i, e = found
+    return Row(state, attempts, i, e.frame, e.offset, e.seq)
 
 
 @dataclass(slots=True)
 class TailEntry:
-    state: int
-    attempts: int
-    last_attempt: int
-    seq: int  # of the deciding record (0: none)
-    where: tuple[Path, int] | None  # segment and byte offset of the deciding record
+    state: int = NONE
+    seq: int = 0  # of the deciding record (0: none)
+    where: tuple[Path, int] | None = None  # segment and byte offset of the deciding record
+    attempt_seqs: list[int] = field(default_factory=list)
 
 
 class TaskStates:
-    """Task states of a state dir: the cache for the runs, a dict for the live journal (bounded by compaction).
+    """Task states of a state dir: the runs' task indexes plus the live journal.
 
-    Records are applied as they are committed (``apply``); after a compaction has reached the cache,
-    ``forget_through(seq)`` drops what the cache now holds, so memory stays at one snapshot's worth."""
+    Records are applied as they are committed (``apply``). When a compaction has made a run of records up to
+    ``seq``, ``add_run`` puts its index in and drops the live entries it now answers for, so memory stays at one
+    snapshot's worth."""
 
-    def __init__(self, cache: TaskCache | None, overlay: dict[bytes, Row] | None = None,
-                 base_counts: dict[str, int] | None = None) -> None:
-        self.cache = cache
-        self._overlay = overlay or {}  # runs the cache could not hold (read-only use while a run is writing)
+    def __init__(self, runs: list[RunTasks], counts: dict[str, int] | None = None) -> None:
+        self.runs = runs
         self.tail: dict[int, TailEntry] = {}
-        # Rows read from the cache lately: a task is looked up when it is queued and again when its record is
-        # committed. Cleared when the cache changes (after a compaction), so it is never stale.
+        counts = counts or {}
+        self.n_done = int(counts.get("done", 0))
+        self.n_failed = int(counts.get("failed", 0))
+        self.n_ierr = int(counts.get("ierr", 0))
+        # Rows read from the runs lately: a task is looked up when it is queued and again when its record is
+        # committed. Cleared when a run is added, so it is never stale.
         self._memo: dict[int, Row | None] = {}
-        self._cache_rows = cache is not None and bool(cache.chain())
-        counts = dict(base_counts if base_counts is not None else (cache.counts() if cache else {}))
-        self.n_done = counts.get("done", 0)
-        self.n_failed = counts.get("failed", 0)
-        self.n_ierr = counts.get("ierr", 0)
         self.done = _StateView(self, DONE)
         self.failed = _StateView(self, FAILED)
         self.input_errors = _StateView(self, IERR)
         self.attempts = _Attempts(self)
 
+    def close(self) -> None:
+        for run in self.runs:
+            run.close()
+
     # -- reading ------------------------------------------------------------------------------------
 
     def base(self, key: int) -> Row | None:
         """The state of a task in the runs (not the live journal)."""
-        if not self._cache_rows and not self._overlay:
+        if not self.runs:
             return None
         memo = self._memo
         if key in memo:
             return memo[key]
-        b = key.to_bytes(16, "big")
-        row = self._overlay.get(b)
-        if row is None and self.cache is not None and self._cache_rows:
-            row = self.cache.get(b)
+        row = lookup(self.runs, key.to_bytes(16, "big"))
         if len(memo) >= MEMO_ROWS:
             memo.clear()
         memo[key] = row
@@ -266,12 +130,10 @@ class TaskStates:
         """(state, attempts) of a task, from the runs and the live journal."""
         row = self.base(key)
         t = self.tail.get(key)
+        base_state, base_attempts = (row.state, row.attempts) if row is not None else (NONE, 0)
         if t is None:
-            return (row.state, row.attempts) if row is not None else (NONE, 0)
-        if row is None:
-            return t.state, t.attempts
-        extra = t.attempts if t.last_attempt > row.last_attempt else 0
-        return merge_state(row.state, t.state), row.attempts + extra
+            return base_state, base_attempts
+        return merge_state(base_state, t.state), base_attempts + len(t.attempt_seqs)
 
     def where(self, key: int) -> tuple[Row | None, TailEntry | None]:
         return self.base(key), self.tail.get(key)
@@ -289,10 +151,9 @@ class TaskStates:
         seq = int(rec.get("seq") or 0)
         t = self.tail.get(key)
         if t is None:
-            t = self.tail[key] = TailEntry(NONE, 0, 0, 0, None)
+            t = self.tail[key] = TailEntry()
         if kind == Kind.ATTEMPT:
-            t.attempts += 1
-            t.last_attempt = seq
+            t.attempt_seqs.append(seq)
             return
         row = self.base(key)
         base = row.state if row is not None else NONE
@@ -301,10 +162,6 @@ class TaskStates:
         if new == kind:  # this record decides the task's state: remember where it is
             t.state, t.seq, t.where = new, seq, where
         self._transition(before, merge_state(base, t.state))
-
-    def _merged_state(self, key: int, t: TailEntry) -> int:
-        row = self.base(key)
-        return merge_state(row.state if row is not None else NONE, t.state)
 
     def _transition(self, before: int, after: int) -> None:
         if before == after:
@@ -320,32 +177,67 @@ class TaskStates:
     def mark(self, key: int, state: int) -> None:
         """Set a state without a record (the scheduler's own bookkeeping); a no-op once the record is applied."""
         t = self.tail.get(key)
+        if t is not None and merge_state(t.state, state) == t.state:
+            return
+        row = self.base(key)
+        base = row.state if row is not None else NONE
         if t is None:
-            t = self.tail[key] = TailEntry(NONE, 0, 0, 0, None)
-        before = self._merged_state(key, t)
+            if merge_state(base, state) == base:
+                return
+            t = self.tail[key] = TailEntry()
+        before = merge_state(base, t.state)
         t.state = merge_state(t.state, state)
-        self._transition(before, self._merged_state(key, t))
+        self._transition(before, merge_state(base, t.state))
 
     def unmark(self, key: int, state: int) -> None:
         t = self.tail.get(key)
         if t is not None and t.state == state and t.seq == 0:
-            before = self._merged_state(key, t)
+            row = self.base(key)
+            base = row.state if row is not None else NONE
+            before = merge_state(base, t.state)
             t.state = NONE
-            self._transition(before, self._merged_state(key, t))
+            self._transition(before, merge_state(base, t.state))
 
-    def forget_through(self, seq: int) -> None:
-        """The cache now holds every record up to ``seq``: drop live entries it covers."""
+    def add_run(self, run: RunTasks) -> None:
+        """A compaction made a run of every record up to ``run``'s last seq: look there from now on."""
+        self.runs.append(run)
         self._memo.clear()
-        self._cache_rows = True
-        stale = [k for k, t in self.tail.items() if t.seq and t.seq <= seq and t.last_attempt <= seq]
-        for k in stale:
-            del self.tail[k]
-        for k, t in list(self.tail.items()):
-            if not t.seq and t.state == NONE and t.last_attempt and t.last_attempt <= seq:
-                del self.tail[k]
+        through = run.last
+        for key, t in list(self.tail.items()):
+            t.attempt_seqs = [s for s in t.attempt_seqs if s > through]
+            if t.seq and t.seq <= through:
+                t.state, t.seq, t.where = NONE, 0, None
+            if not t.seq and t.state == NONE and not t.attempt_seqs:
+                del self.tail[key]
 
     def counts(self) -> dict[str, int]:
         return {"done": self.n_done, "failed": self.n_failed, "ierr": self.n_ierr}
+
+
+def count_from_scratch(runs: Sequence[RunTasks]) -> dict[str, int]:
+    """Exact counts of the task states in ``runs``, merging their sorted tasks (for a state dir whose manifest
+    does not carry counts: after a salvage, a migration, or when every manifest is damaged)."""
+    import heapq
+
+    counts = {"done": 0, "failed": 0, "ierr": 0}
+    streams = [((k, i, e) for k, e in run.entries()) for i, run in enumerate(runs)]
+    current: bytes | None = None
+    state = NONE
+
+    def close() -> None:
+        name = STATE_NAMES.get(state)
+        if name is not None:
+            counts[name] += 1
+
+    for key, _i, e in heapq.merge(*streams, key=lambda x: (x[0], x[1])):
+        if key != current:
+            if current is not None:
+                close()
+            current, state = key, NONE
+        state = merge_state(state, e.state)
+    if current is not None:
+        close()
+    return counts
 
 
 class _StateView:
