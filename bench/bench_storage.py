@@ -18,7 +18,7 @@ simulator on 127.0.0.1 (a separate process).
 The big state dirs are not made with calls: ``generate`` writes what runs against the simulator would have left
 (format 2 runs with their indexes, a manifest, asyncraft.json, the empty continuation segment, and the input
 whose first N lines those records answer, followed by 1,000 new lines), then opens it once with the real
-recovery code, which builds the task cache as a first start would and checks that every record is there.
+recovery code and checks that every record is there.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ NEW_LINES = 1_000  # unanswered lines at the end of the input: what an interrupt
 RUN_RECORDS = 100_000  # done records per run: one compaction every ASYNCRAFT_SNAPSHOT_EVERY (default 100,000)
 COMMIT = 64  # records per commit batch in the generated journal (the "b" field)
 GENERATOR = 2  # bump when what ``generate`` writes changes: kept state dirs are then rebuilt
-BYTES_PER_RECORD = 700  # disk a generated record needs: input line, run, index, task cache, a clone's cache, export
+BYTES_PER_RECORD = 700  # disk a generated record needs: input line, run, index, a clone's copy, export
 SNAPSHOT_RECORDS = 100_000
 PROSE_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email.message", "functools",
                  "http.client", "inspect", "itertools", "json", "logging", "os", "pathlib", "pickle", "re", "shutil",
@@ -97,14 +98,22 @@ def size_name(n: int) -> str:
 # -- the generator ------------------------------------------------------------------------------------------
 
 
-def input_position_record(inp: Path, offset: int, lines: int) -> dict[str, Any]:
-    """HOOK: the journal meta record saying how far the input is fully handled, written right after the last
-    done record of a generated state (where a run that handled the first ``lines`` lines would have written it).
+def input_position_record(job: Any, inp: Path, offset: int, lines: int) -> dict[str, Any]:
+    """The record a run writes to say how far its input is fully handled, as the run that handled the first
+    ``lines`` lines would have written it: before the new lines were appended (so the resume sees a file that
+    changed since, and checks the CRC of the prefix, the case of a real resume)."""
+    from asyncraft.jobs.prompts import InputPosition
 
-    This version of asyncraft does not read it yet, so a resume still reads and hashes every input line. When the
-    writer records it, this must return the record the writer writes: add the identity of the prefix
-    ``inp[:offset]`` that the resume checks (``--no-inpos`` generates state dirs without the record)."""
-    return {"k": "inpos", "offset": offset, "line": lines}
+    crc = 0
+    with open(inp, "rb") as fh:
+        left = offset
+        while left:
+            chunk = fh.read(min(left, 8 << 20))
+            crc = zlib.crc32(chunk, crc)
+            left -= len(chunk)
+    rec: dict[str, Any] = job.position_record(InputPosition(offset, lines, crc))
+    rec.update(size=offset, mtime_ns=rec["mtime_ns"] - 10**9)  # the file as it was then
+    return rec
 
 
 def done_record(task: Task) -> dict[str, Any]:
@@ -202,7 +211,7 @@ def generate(root: Path, n: int, *, journal_tail: int = 0, inpos: bool = True) -
                        "input": str(inp.resolve()), "created": time.time(), "history": []})
     tasks = (t for t in itertools.islice(job.roots(), n) if isinstance(t, Task))  # no bad lines: a task a line
     seq = Sequencer()
-    position = input_position_record(inp, offset, n) if inpos else None
+    position = input_position_record(job, inp, offset, n) if inpos else None
     compacted = n - journal_tail
     chain: list[dict[str, Any]] = []
     for start in range(0, compacted, RUN_RECORDS):
@@ -213,7 +222,7 @@ def generate(root: Path, n: int, *, journal_tail: int = 0, inpos: bool = True) -
         lines.append(seq.seal())
         chain.append(manifest_entry(runfile.write_run(fs, sd.runs, lines, first)))
     if chain:
-        write_manifest(fs, sd, chain, chain[-1]["last"])
+        write_manifest(fs, sd, chain, chain[-1]["last"], {"done": compacted, "failed": 0, "ierr": 0})
     # The live segment after the runs: empty, or the records written since the last compaction.
     seg = sd.journal / seg_name(seq.next)
     live = [seq.line(done_record(t)) for t in tasks]
@@ -228,17 +237,16 @@ def generate(root: Path, n: int, *, journal_tail: int = 0, inpos: bool = True) -
         raise SystemExit(f"generated state at {state}: {len(rec.done)} done up to seq {rec.next_seq - 1}, expected "
                          f"{n} up to {seq.next - 1}")
     stamp.write_text(json.dumps(key))
-    print(f"  generated in {seconds:.0f}s; first open (builds the task cache) {first_open:.1f}s", flush=True)
+    print(f"  generated in {seconds:.0f}s; first open {first_open:.1f}s", flush=True)
     return Generated(root, state, inp, n)
 
 
 def open_state(sd: StateDir, fs: FS) -> storage.Recovery:
-    """Open for a run (under the lock, as the run command does) and close the task cache again."""
+    """Open for a run (under the lock, as the run command does)."""
     fd = sd.lock()
     try:
         rec = storage.open_for_run(sd, fs)
-        if rec.tasks.cache is not None:
-            rec.tasks.cache.close()
+        rec.tasks.close()
         return rec
     finally:
         os.close(fd)
@@ -505,12 +513,9 @@ def bench_snapshot(ns: argparse.Namespace) -> None:
                 (sd.journal / seg_name(seq.next)).write_bytes(b"")
                 rec = open_state(sd, fs)
                 chain = [manifest_entry(ref.header) for ref in rec.view.runs]
-                cache = storage.tasks.TaskCache.open(sd.cache_path)
                 t0 = time.perf_counter()
-                done = compact(fs, sd, rec.segments[:-1], chain, cache)
+                compact(fs, sd, rec.segments[:-1], chain, rec.tasks.counts())
                 times.append(time.perf_counter() - t0)
-                assert cache is not None and done.cached
-                cache.close()
             results.append((n, times))
             print(f"snapshot of {SNAPSHOT_RECORDS:,} records onto {n:,} compacted: {statistics.median(times):.2f} s, "
                   f"median of {fmtn(times)}", flush=True)
