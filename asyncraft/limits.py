@@ -10,11 +10,12 @@ that call alone waits for its Retry-After.
 Starts are paced evenly (virtual scheduling): no burst above the pace, at start-up or after a pause.
 Callers wait their turn on one ``asyncio.Lock`` (first come, first served), and the one at the front
 looks at the clock again after each sleep, so a cool-down that begins while workers already wait in
-line holds all of them. The first calls go out a few at a time until answers show whether the server
-limits us (a slow start, doubling per success), so an unknown limit is not met with a full wave.
+line holds all of them. The first calls go out a quarter of the concurrency at a time, one more per
+answer, until answers show whether the server limits us (a slow start), so an unknown limit is not met
+with a full wave.
 
-The decisions are plain methods of a clock value (``delay``, ``book``, ``succeeded``, ``rate_limited``);
-only ``acquire`` sleeps. Tests drive them with a fake clock.
+The decisions are plain methods (``delay``, ``book``, ``started``, ``succeeded``, ``on_rate_limited``)
+of an injected clock; only ``acquire`` sleeps. Tests drive them with a fake clock.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class RateController:
         self._decreased_at = -math.inf
         self._step = 0.0  # additive increase per success
         self._probing = False  # the last decrease was a guess: grow fast until 429s show the limit again
-        self._longest_retry_after = 0.0  # of the 429s since the last decrease
+        self._longest_retry_after = 0.0  # of every 429 so far
         self._held_back_at = -math.inf  # last time the pace made a caller wait
         self.waiting = 0  # callers in acquire()
         self.cooldowns = 0
@@ -129,9 +130,9 @@ class RateController:
                     if wait <= 0:
                         self.book(now, tokens)
                         return
-                    self._held_back_at = now
+                    self.held_back(now)
                     await self._sleep(wait)
-                    self._held_back_at = self._clock()
+                    self.held_back(self._clock())
         finally:
             self.waiting -= 1
 
@@ -152,6 +153,10 @@ class RateController:
         if self._tps is not None and tokens:
             interval = tokens / self._tps
             self._next_tokens = max(now - min(interval, MAX_SLACK), self._next_tokens) + interval
+
+    def held_back(self, now: float) -> None:
+        """The pace made a caller wait at ``now``: a learned rate grows only while it holds calls back."""
+        self._held_back_at = now
 
     def started(self) -> float:
         """A call goes out; returns its start time for ``succeeded``/``rate_limited``/``failed``."""
@@ -209,10 +214,10 @@ class RateController:
         used_up = exc.rate_info.used_up() if exc.rate_info is not None else None
         if used_up is not None:
             self.cooldown(used_up, "the server says its limit is used up")
+        if exc.retry_after is not None:
+            self._longest_retry_after = max(self._longest_retry_after, exc.retry_after)
         if started >= self._decreased_at:
             self._outcome(now, True)
-            if exc.retry_after is not None:
-                self._longest_retry_after = max(self._longest_retry_after, exc.retry_after)
             if self._outcome_429s >= PATTERN_MIN and self._outcome_429s >= PATTERN_SHARE * len(self._outcomes):
                 self._decrease(now, exc.retry_after)
         waits = [w for w in (exc.retry_after, used_up) if w is not None]
@@ -300,23 +305,22 @@ class RateController:
             estimate = max(accepted, paced_by_server)
             self._probing = count < PROBE_EVIDENCE and not self._probing
         peak = min(self._rps if self._rps is not None else math.inf, max(estimate, MIN_RATE / BETA))
-        first = self.learned is None
         # A server that refuses a share of all calls whatever our rate would bring the run to a halt, one
-        # decrease after another. Its Retry-After bounds how slow the pace need be: about one call per
-        # Retry-After (in whole seconds: a shorter one is not a pace).
-        floor = BETA / max(1.0, self._longest_retry_after) if self._longest_retry_after > 0 else MIN_RATE
+        # decrease after another. Its Retry-After bounds how slow the pace need be: a limit used up to the
+        # last call asks for its longest wait, one call's worth, so about one call per longest Retry-After
+        # is never too fast.
+        floor = BETA / self._longest_retry_after if self._longest_retry_after > 0 else MIN_RATE
         self.learned = max(MIN_RATE, floor, BETA * peak)
         self._step = (peak - self.learned) / max(CLIMB_CALLS, peak * CLIMB_SECONDS)
         self._decreased_at = now
         self._outcomes.clear()
         self._outcome_429s = 0
-        self._longest_retry_after = 0.0
         self.decreases += 1
         self.window = None  # the pace takes over from the slow start
         self._window_open.set()
         self._update_pace()
         self._next_request = max(self._next_request, now)
-        (log.warning if first else log.debug)(
+        (log.warning if self.decreases == 1 else log.debug)(
             "429s show a limit%s: pacing to %.1f requests/min", "" if self.server_rpm or self.client_rpm
             else " the server does not announce", self.learned * 60)
 
