@@ -14,6 +14,7 @@ with plain JSON, or refuses it, is asked without streaming from then on.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import re
@@ -429,9 +430,11 @@ class StreamAssembly:
 
     def body(self) -> dict[str, Any]:
         """The assembled body; raises if the stream ended before the answer was complete."""
-        if self._pending.strip():
-            self._event(self._pending)
-            self._pending = b""
+        pending, self._pending = self._pending, b""
+        if pending.strip():
+            # The last event may lack its blank line ("data: [DONE]\n" then the end); a torn one is dropped.
+            with contextlib.suppress(BadResponse):
+                self._event(pending)
         complete = bool(self._choices) and all(c.finish_reason is not None for c in self._choices.values())
         if not (self.done or complete):
             raise ConnectionFailed("the stream ended before the answer was complete")

@@ -248,7 +248,8 @@ def test_rate_info_from_openai_azure_and_litellm_headers() -> None:
     assert info == RateInfo(500, 0, 0.12, 30000, 2900, 360)
     assert info.used_up() == 0.12
     assert parse_rate_info(CIMultiDict({"content-type": "application/json"})) is None
-    azure = parse_rate_info(CIMultiDict({"x-ratelimit-remaining-requests": "12", "x-ratelimit-remaining-tokens": "900"}))
+    azure = parse_rate_info(CIMultiDict({"x-ratelimit-remaining-requests": "12",
+                                         "x-ratelimit-remaining-tokens": "900"}))
     assert azure == RateInfo(remaining_requests=12, remaining_tokens=900) and azure.used_up() is None
     # LiteLLM names its scopes; the tightest of them binds.
     litellm = parse_rate_info(CIMultiDict({
