@@ -254,10 +254,16 @@ class Scheduler:
             self._queue.put_nowait(None)
 
     def _drain(self) -> None:
+        """Take the queued tasks back (released: they run on the next start); the workers' end marks stay."""
+        ends = 0
         while not self._queue.empty():
             task = self._queue.get_nowait()
-            if task is not None:
+            if task is None:
+                ends += 1
+            else:
                 self._release(task)
+        for _ in range(ends):
+            self._queue.put_nowait(None)
 
     async def _input_finished(self, lines_ok: int) -> None:
         self.input_read = True
@@ -506,6 +512,7 @@ class Scheduler:
         self._held.append((task, exc))
         if len(self._held) >= self._hold_limit:
             self._stop_held()
+        self._wake.set()  # the feeder stops the run if these refusals are all that is left
         return False
 
     def _stop_held(self) -> None:
