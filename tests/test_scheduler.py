@@ -84,8 +84,8 @@ def ok(task: Task, n: int) -> Completion:
 
 
 class Harness:
-    def __init__(self, script: Script, n: int = 20, *, concurrency: int = 4, latency: float = 0.001,
-                 **kw: Any) -> None:
+    def __init__(self, script: Script, n: int = 20, *, concurrency: int = 4,
+                 latency: float | Callable[[Task], float] = 0.001, **kw: Any) -> None:
         self.job = ListJob(n)
         self.journal = MemoryJournal()
         self.calls: Counter[str] = Counter()
@@ -98,7 +98,7 @@ class Harness:
     async def call(self, task: Task) -> Completion:
         n = self.calls[task.id]
         self.calls[task.id] += 1
-        await asyncio.sleep(self.latency)
+        await asyncio.sleep(self.latency(task) if callable(self.latency) else self.latency)
         out = self.script(task, n)
         if isinstance(out, ProviderError):
             raise out
@@ -162,7 +162,8 @@ async def test_server_errors_are_retried_up_to_max_retries_then_left_for_the_nex
 async def test_a_fatal_error_stops_at_once_even_when_more_arrive_after_the_queue_closed(error: ProviderError) -> None:
     """Every call in flight fails the same fatal way, one after another: the run still ends (the
     later errors arrive after the workers were told to finish)."""
-    h = Harness(lambda task, n: error, 200, concurrency=8, latency=0.01)
+    delays = {t.id: 0.01 * (i + 1) for i, t in enumerate(ListJob(8).tasks)}
+    h = Harness(lambda task, n: error, 200, concurrency=8, latency=lambda task: delays.get(task.id, 0.01))
     sched = await h.run()
     assert sched.fatal is error and sum(h.calls.values()) <= 8 and not h.journal.tasks()
 
