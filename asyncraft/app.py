@@ -167,7 +167,8 @@ class Runner:
                             api_version=s.api_version, concurrency=s.concurrency,
                             request_timeout=s.request_timeout, connect_timeout=s.connect_timeout,
                             stall_timeout=s.stall_timeout, stream=s.stream != "off",
-                            on_rate_info=limits.observe, backoff_base=s.backoff_base, backoff_max=s.backoff_max,
+                            on_rate_info=limits.observe, on_status=limits.answered,
+                            backoff_base=s.backoff_base, backoff_max=s.backoff_max,
                             on_call=metrics.observe_call if metrics is not None else None)
 
         def call(task: Task) -> Awaitable[Completion]:

@@ -78,7 +78,7 @@ class EndpointPool:
                  api_version: str | None = None, concurrency: int = 64, request_timeout: float | None = 600.0,
                  connect_timeout: float = 10.0, stall_timeout: float = 120.0, stream: bool = True,
                  on_rate_info: Callable[[RateInfo], None] | None = None,
-                 backoff_base: float = 1.0, backoff_max: float = 60.0,
+                 on_status: Callable[[int], None] | None = None, backoff_base: float = 1.0, backoff_max: float = 60.0,
                  on_call: Callable[[str, str, float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not base_urls:
@@ -94,7 +94,7 @@ class EndpointPool:
             provider = Provider(url, api_key=api_key, api_type=api_type, api_version=api_version,
                                 concurrency=concurrency, request_timeout=request_timeout,
                                 connect_timeout=connect_timeout, stall_timeout=stall_timeout, stream=stream,
-                                on_rate_info=self._rate_info_for(i))
+                                on_rate_info=self._rate_info_for(i), on_status=on_status)
             self.endpoints.append(Endpoint(url, endpoint_label(url), provider))
         self._stack: contextlib.AsyncExitStack | None = None
 

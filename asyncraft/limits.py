@@ -11,8 +11,9 @@ Starts are paced evenly (virtual scheduling): no burst above the pace, at start-
 Callers wait their turn on one ``asyncio.Lock`` (first come, first served), and the one at the front
 looks at the clock again after each sleep, so a cool-down that begins while workers already wait in
 line holds all of them. The first calls go out a quarter of the concurrency at a time, one more per
-answer, until answers show whether the server limits us (a slow start), so an unknown limit is not met
-with a full wave.
+call accepted, until the first answers' statuses show whether the server limits us (a slow start), so
+an unknown limit is not met with a full wave. A streamed answer's status arrives with its headers, so
+against a slow model this costs a round trip, not a generation.
 
 The decisions are plain methods (``delay``, ``book``, ``started``, ``succeeded``, ``on_rate_limited``)
 of an injected clock; only ``acquire`` sleeps. Tests drive them with a fake clock.
@@ -77,6 +78,7 @@ class RateController:
         # is reached or half a window of answers came back without a 429 (the server takes what we send).
         self.window: int | None = max(4, concurrency // 4) if concurrency > 4 else None
         self._clean_needed = (self.window or 0) // 2
+        self._refused_early = False
         self._window_open = asyncio.Event()
         self._window_open.set()
         self.in_flight = 0
@@ -176,12 +178,6 @@ class RateController:
         self._successes.append(now)
         if self._first_start is None:
             self._first_start = started
-        if self.window is not None:
-            self.window += 1
-            self._clean_needed -= 1
-            if self.window >= self._concurrency or (self._clean_needed <= 0 and not self.rate_limited):
-                self.window = None
-            self._window_open.set()
         if started < self._decreased_at:
             return
         self._outcome(now, False)
@@ -200,6 +196,21 @@ class RateController:
                 else:
                     self.learned = learned + self._step
                 self._update_pace()
+
+    def answered(self, status: int) -> None:
+        """An answer's status, as soon as its headers arrive (for a streamed call, long before it ends):
+        the slow start widens by one per call accepted, and ends once half a window was accepted
+        without a 429."""
+        if self.window is None:
+            return
+        if status == 429:
+            self._refused_early = True
+        elif status == 200:
+            self.window += 1
+            self._clean_needed -= 1
+            if self.window >= self._concurrency or (self._clean_needed <= 0 and not self._refused_early):
+                self.window = None
+            self._window_open.set()
 
     def failed(self, started: float) -> None:
         """A call ended with an error that says nothing about rate limits."""

@@ -71,7 +71,7 @@ class HealthMonitor:
 
     def _waiting_legitimately(self) -> bool:
         limits = self.sched.limits
-        return limits.cooling_down() or limits.waiting > 0 or self._fresh_calls() > 0
+        return limits.cooling_down() or limits.waiting > 0 or self.sched.retrying() > 0 or self._fresh_calls() > 0
 
     def sample(self) -> None:
         now = self._clock()
@@ -110,8 +110,8 @@ class HealthMonitor:
             if sched.watch and sched.input_read:
                 return True, "idle: everything known is finished; watching the input for new work"
             return True, "starting: reading the input" if not sched.input_read else "finishing"
-        if sched.limits.cooling_down() or sched.limits.waiting:
-            return True, f"waiting: cooling down after a 429 ({sched.active} task(s) waiting)"
+        if sched.limits.cooling_down() or sched.limits.waiting or sched.retrying():
+            return True, f"waiting: {sched.waiting_for() or 'retries after errors'} ({sched.active} task(s) waiting)"
         if self._fresh_calls():
             return True, f"running: {in_flight} call(s) in flight, {sched.queued()} queued"
         idle = now - max(self._last_change, journal.last_progress)

@@ -165,7 +165,8 @@ class Provider:
     def __init__(self, base_url: str, *, api_key: str | None, api_type: str = "openai",
                  api_version: str | None = None, concurrency: int = 64, request_timeout: float | None = 600.0,
                  connect_timeout: float = 10.0, stall_timeout: float = 120.0, stream: bool = True,
-                 on_rate_info: Callable[[RateInfo], None] | None = None) -> None:
+                 on_rate_info: Callable[[RateInfo], None] | None = None,
+                 on_status: Callable[[int], None] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         base = URL(self.base_url)
         # What messages show: a URL may carry credentials (https://user:pass@host, ?token=...), which must
@@ -189,6 +190,9 @@ class Provider:
         # server that turns out not to stream must not have its whole first wave cancelled and paid again.
         self.streams: bool | None = None if stream else False
         self._on_rate_info = on_rate_info
+        # Sees each answer's status as soon as its headers arrive: for a streamed call, long before the
+        # answer is complete.
+        self._on_status = on_status
         self._session: aiohttp.ClientSession | None = None
         headers = {"Content-Type": "application/json", "User-Agent": f"asyncraft/{__version__}"}
         if api_key:
@@ -269,6 +273,8 @@ class Provider:
             async with session.post(self._urls["/chat/completions"], data=payload, params=self._params,
                                     timeout=timeout) as resp:
                 info = self._rate_info(resp.headers)
+                if self._on_status is not None:
+                    self._on_status(resp.status)
                 if resp.status != 200:
                     raise self._error(resp.status, await resp.read(), resp.headers, info)
                 if resp.content_type != "text/event-stream":
@@ -289,6 +295,8 @@ class Provider:
         try:
             async with session.post(self._urls[path], data=orjson.dumps(body), params=self._params,
                                     timeout=self._plain) as resp:
+                if self._on_status is not None:
+                    self._on_status(resp.status)
                 data = await resp.read()
                 status, headers = resp.status, resp.headers
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:

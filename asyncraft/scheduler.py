@@ -112,8 +112,9 @@ class Scheduler:
         self.input_read = False
         self.stats = Stats()
         self._rng = random.Random()
-        # Fail fast: until something succeeds, refusals of one kind are held back, not recorded.
-        self._proven = False  # something succeeded, or the refusals differ: failures are the requests' own
+        # Fail fast: until something succeeds, refusals of one kind are held back, not recorded. Results
+        # already in the state dir show that the configuration works.
+        self._proven = len(self.done) > 0  # or something succeeded, or the refusals differ
         self._held: list[tuple[Task, ProviderError]] = []
         self._held_kind: tuple[object, ...] | None = None
         self._hold_limit = min(concurrency + 1, HOLD_LIMIT)
@@ -161,6 +162,10 @@ class Scheduler:
     def queued(self) -> int:
         """Tasks waiting for a worker."""
         return self._queue.qsize()
+
+    def retrying(self) -> int:
+        """Tasks waiting for their retry delay (a Retry-After, a back-off)."""
+        return len(self._later)
 
     def waiting_for(self) -> str | None:
         """What holds calls back right now, in words for the progress line; None when nothing does."""

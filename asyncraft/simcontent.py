@@ -6,8 +6,9 @@ prompt ("generate N ... questions") gets N numbered questions drawn from the chu
 prompt (one that mentions ``##begin_quote##``) gets reasoning that quotes the best-matching
 sentence of the context and ends with ``<ANSWER>: ...``.
 
-Markers in a prompt let tests ask for misbehaviour: ``[[sim:bad-request]]`` is refused with 400,
-``[[sim:no-answer-tag]]`` makes an answer without ``<ANSWER>:``.
+Markers in a prompt let tests ask for misbehaviour: ``[[sim:bad-request]]`` is refused with 400
+(``[[sim:bad-request:REASON]]`` names its own reason, so that refusals differ), ``[[sim:no-answer-tag]]``
+makes an answer without ``<ANSWER>:``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from typing import Any
 
 BAD_REQUEST_MARKER = "[[sim:bad-request]]"
+BAD_REQUEST = re.compile(r"\[\[sim:bad-request(?::([^\]]*))?\]\]")
 NO_ANSWER_TAG_MARKER = "[[sim:no-answer-tag]]"
 
 _WORDS = ("asynchronous", "journal", "snapshot", "latency", "gradient", "context", "retrieval", "oracle",

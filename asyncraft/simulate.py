@@ -105,7 +105,8 @@ _HELP = {
     "limit_headers": "how the limits are announced: openai (x-ratelimit-*), litellm (x-ratelimit-api_key-*) or "
                      "none (429 with a whole-second Retry-After only)",
     "api_key": "require this API key (401 otherwise); empty = accept any",
-    "models": "comma-separated model names that exist (others are refused); empty = any",
+    "models": "comma-separated model names that exist (others are refused) and that /v1/models lists; empty = "
+              "any model (and /v1/models answers 404)",
     "unknown_model_status": "status for an unknown model: 404 (as OpenAI) or 400 (as LiteLLM's proxy)",
     "stream_mode": "sse (stream when asked), json (answer streamed requests with plain JSON) or refuse (400 "
                    "for stream_options)",
@@ -343,8 +344,10 @@ class Simulator:
         if cfg.quota_calls and self.stats.paid >= cfg.quota_calls:
             return _error(429, "You exceeded your current quota, please check your plan and billing details.",
                           "insufficient_quota", "insufficient_quota")
-        if simcontent.BAD_REQUEST_MARKER in raw.decode("utf-8", "replace"):
-            return _error(400, "Invalid 'messages': this request is rejected on purpose (simulator marker).",
+        refused = simcontent.BAD_REQUEST.search(raw.decode("utf-8", "replace"))
+        if refused is not None:
+            reason = f": {refused.group(1)}" if refused.group(1) else ""
+            return _error(400, f"Invalid 'messages': this request is rejected on purpose (simulator marker){reason}.",
                           "invalid_request_error", "invalid_value")
         text = simcontent.prompt_text(body)
         prompt_tokens = estimate_tokens(text)
@@ -535,7 +538,10 @@ class Simulator:
         denied = self._check_auth(request)
         if denied is not None:
             return denied
-        names = [m.strip() for m in self.config.models.split(",") if m.strip()] or ["sim-1", "sim-embed"]
+        names = [m.strip() for m in self.config.models.split(",") if m.strip()]
+        if not names:  # any model is served: no list could say so
+            return _error(404, "This server serves any model name; it has no model list.", "invalid_request_error",
+                          None)
         return web.json_response({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "asyncraft-simulator"} for n in names]})
 

@@ -120,6 +120,10 @@ def run(server: BucketServer, tasks: int, *, concurrency: int, latency: float, r
             busy += 1
             started = ctl.started()
             answer = server.call(clock.now)
+            # Streamed: the status and the x-ratelimit headers come at once, long before the answer ends.
+            if isinstance(answer, RateInfo):
+                ctl.observe(answer)
+            ctl.answered(429 if isinstance(answer, RateLimited) else 200)
             push(clock.now + latency * (0.5 + rng.random()), "end", (started, answer))
 
     dispatch()
@@ -138,8 +142,6 @@ def run(server: BucketServer, tasks: int, *, concurrency: int, latency: float, r
                 delay = ctl.on_rate_limited(answer, started)
                 push(clock.now + (delay if delay is not None else 1.0), "retry")
             else:
-                if answer is not None:
-                    ctl.observe(answer)
                 ctl.succeeded(started)
                 done += 1
         else:

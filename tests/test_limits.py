@@ -77,6 +77,7 @@ async def test_a_cooldown_holds_callers_already_waiting_in_line() -> None:
 
 
 async def test_the_slow_start_holds_the_first_wave_until_answers_come() -> None:
+    """Until the first statuses come back, a quarter of the concurrency; then everything at once."""
     mt = ManualTime()
     ctl = RateController(clock=mt, sleep=mt.sleep, concurrency=64)
     assert ctl.window == 16 and not ctl.free()
@@ -91,8 +92,8 @@ async def test_the_slow_start_holds_the_first_wave_until_answers_come() -> None:
     callers = [asyncio.create_task(caller()) for _ in range(40)]
     await mt.advance(0.0)
     assert went == 16  # a quarter of the concurrency before any answer
-    for _ in range(8):  # half a window of answers without a 429: the server takes what we send
-        ctl.succeeded(0.0)
+    for _ in range(8):  # half a window accepted without a 429: the server takes what we send
+        ctl.answered(200)
     await mt.advance(0.0)
     assert ctl.window is None and went == 40 and ctl.free()
     await asyncio.gather(*callers)

@@ -104,8 +104,8 @@ class Harness:
             raise out
         return out
 
-    async def run(self, timeout: float = 10.0) -> Scheduler:
-        async with asyncio.timeout(timeout):
+    async def run(self, within: float = 10.0) -> Scheduler:
+        async with asyncio.timeout(within):
             await self.sched.run()
         assert self.sched.active == 0 and self.sched.inflight == {}
         return self.sched
@@ -211,7 +211,8 @@ async def test_nothing_reachable_stops_the_run(monkeypatch: pytest.MonkeyPatch) 
     h = Harness(lambda task, n: Unreachable("cannot connect to http://127.0.0.1:9/v1: Connection refused"), 20,
                 max_retries=1000)
     sched = await h.run()
-    assert sched.fatal is not None and "nothing answers" in str(sched.fatal) and "Connection refused" in str(sched.fatal)
+    assert sched.fatal is not None and "nothing answers" in str(sched.fatal)
+    assert "Connection refused" in str(sched.fatal)
     assert not h.journal.tasks()
 
 
@@ -224,6 +225,6 @@ async def test_a_stop_request_cancels_workers_waiting_for_the_rate_controller() 
         h.sched.request_stop("test")
 
     stopper = asyncio.create_task(stop_soon())
-    sched = await h.run(timeout=5)
+    sched = await h.run(within=5)
     await stopper
     assert sched.stopping == "test" and 1 <= len(sched.done) <= 2
