@@ -227,8 +227,10 @@ OPTIONS: tuple[Option, ...] = (
            "column", commands=("export",), metavar="NAME"),
     Option("stop_token", _text, "<STOP>", "export --format completion: appended to every completion (empty = "
            "none)", commands=("export",), metavar="TEXT"),
-    Option("base_url", _url_list, ("https://api.openai.com/v1",), "OpenAI-compatible base URL, e.g. "
-           "http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp) or an Azure deployment URL", metavar="URL"),
+    Option("base_url", _url_list, ("https://api.openai.com/v1",), "OpenAI-compatible base URL that gets every "
+           "call and the API key, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp) or an Azure deployment "
+           "URL (several, comma-separated, share the work); OPENAI_BASE_URL is read when this is not set",
+           metavar="URL"),
     Option("model", _optional_text, None, "model name sent with every request (overrides the model in "
            "input lines); required unless every input line names one", metavar="NAME"),
     Option("api_type", _choice("auto", "openai", "azure"), "auto", "auth style: openai (Authorization: Bearer) "

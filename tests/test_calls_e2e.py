@@ -278,5 +278,8 @@ def test_configuration_that_cannot_work_is_refused_in_one_line(tmp_path: Path, e
 
 
 def test_help_names_where_the_key_goes() -> None:
-    res = run_cli("run", "--help", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-    assert res.returncode == 0 and "OPENAI_BASE_URL" in res.stdout
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    res = run_cli("--help", env=env)
+    assert res.returncode == 0 and "is sent to every base URL" in res.stdout and "OPENAI_BASE_URL" in res.stdout
+    res = run_cli("run", "--help", env=env)
+    assert res.returncode == 0 and "gets every call and the API key" in " ".join(res.stdout.split())
