@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -343,8 +345,7 @@ class Provider:
             return ProviderTimeout(f"no complete answer from {url} within ASYNCRAFT_REQUEST_TIMEOUT="
                                    f"{self._request_timeout}s")
         if isinstance(exc, aiohttp.ClientConnectorError):
-            reason = exc.os_error.strerror or str(exc.os_error)
-            return Unreachable(f"cannot connect to {url}: {self._clean(reason)}")
+            return Unreachable(f"cannot connect to {url}: {self._clean(_os_reason(exc.os_error))}")
         return ConnectionFailed(f"connection to {url} failed: {type(exc).__name__}: {self._clean(str(exc))}")
 
     def _error(self, status: int, data: bytes, headers: Any, info: RateInfo | None = None) -> ProviderError:
@@ -379,6 +380,13 @@ class Provider:
         if status == 409 or status >= 500:
             return ServerError(text, **kw)
         return BadRequest(text, **kw)
+
+
+def _os_reason(err: OSError) -> str:
+    """"Connection refused", "Name or service not known": the OS's words, not asyncio's wrapping."""
+    if isinstance(err, socket.gaierror) or not err.errno:
+        return err.strerror or str(err)
+    return os.strerror(err.errno)
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
