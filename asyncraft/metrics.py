@@ -1,10 +1,10 @@
 """Health and Prometheus metrics of a running job, served by aiohttp on ``ASYNCRAFT_METRICS_PORT``.
 
-``/healthz`` answers 200 while the run makes progress or waits for a good reason (a rate-limit cool-down,
-calls in flight whose heartbeats are fresh, a retry back-off, an idle ``--watch``), and 503 with the reason when
+``/healthz`` answers 200 while the run makes progress or waits for a good reason (a rate-limit cool-down or
+pace, calls in flight, tasks waiting for their retry delay, an idle ``--watch``), and 503 with the reason when
 it is stuck: the journal writer holds records but commits nothing, or tasks wait and nothing at all happens.
-A slow API is not stuck: the watchdog ends calls that stall, so a call in flight counts as progress until the
-watchdog would have ended it. An orchestrator that restarts a stuck container therefore never restarts one
+A slow API is not stuck: the request and stall timeouts end calls that stop making progress, so a call in
+flight counts as progress. An orchestrator that restarts a stuck container therefore never restarts one
 that is merely slow or rate-limited.
 
 ``/metrics`` is computed at scrape time from the live scheduler, journal and endpoint pool (a collector on its

@@ -67,8 +67,18 @@ async def check(settings: Settings, *, wait: float = UNREACHABLE_WAIT) -> None:
                         api_version=settings.api_version, concurrency=1, request_timeout=settings.connect_timeout * 3,
                         connect_timeout=settings.connect_timeout)
     async with pool:
+        several = len(pool.endpoints) > 1
+        answered = 0
         for ep in pool.endpoints:
-            available = await _models(ep.provider, settings, wait)
+            try:
+                # Of several servers, one that does not answer is left to the pool; all silent is an error.
+                available = await _models(ep.provider, settings, 0.0 if several else wait)
+            except Unanswered as exc:
+                if not several:
+                    raise
+                log.warning("%s; the other endpoints take its calls", exc)
+                continue
+            answered += 1
             if available is None:
                 continue
             for model in models_used(settings):
@@ -79,6 +89,8 @@ async def check(settings: Settings, *, wait: float = UNREACHABLE_WAIT) -> None:
                         if available else "; it lists none")
                     raise ConfigError(f"model {model!r} is not served by {ep.provider.shown_url}{hint} "
                                       "(ASYNCRAFT_MODEL_CHECK=off skips this check)")
+        if several and not answered:
+            await _models(pool.endpoints[0].provider, settings, wait)  # none answers: wait for the first
 
 
 async def _models(provider: Provider, settings: Settings, wait: float) -> list[str] | None:
@@ -96,7 +108,7 @@ async def _models(provider: Provider, settings: Settings, wait: float) -> list[s
             return None
         except (Unreachable, ConnectionFailed) as exc:
             if time.monotonic() >= deadline:
-                raise Unanswered(f"{exc} (tried for {wait:g}s)") from None
+                raise Unanswered(f"{exc} (tried for {wait:g}s)" if wait else str(exc)) from None
             if not told:
                 log.error("%s; trying again for up to %gs", exc, wait)
                 told = True
