@@ -468,51 +468,52 @@ class StreamAssembly:
             if not lines:
                 return  # a comment (": keep-alive") or an event without data
             data = b"\n".join(lines)
-        if data.strip() == b"[DONE]":
+        if data[:1] != b"{" and data.strip() == b"[DONE]":
             self.done = True
             return
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise BadResponse(f"malformed JSON in a streamed chunk ({len(data)} bytes)", status=200) from None
-        if not isinstance(chunk, dict):
+        if type(chunk) is not dict:
             raise BadResponse("a streamed chunk is not a JSON object", status=200)
         if "error" in chunk:
             raise _stream_error(chunk["error"])
-        for key, value in chunk.items():
-            if key == "choices":
-                if isinstance(value, list):
-                    for choice in value:
-                        if isinstance(choice, dict):
-                            self._choice(choice)
-            elif key == "usage":
-                if value is not None:
-                    self._usage = value
-            elif key != "object":
-                self._head[key] = value
+        # Every chunk repeats id, created, model...: the last one's word stands, as in a non-streamed body.
+        choices = chunk.pop("choices", None)
+        usage = chunk.pop("usage", None)
+        chunk.pop("object", None)
+        self._head.update(chunk)
+        if usage is not None:
+            self._usage = usage
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is dict:
+                    self._choice(choice)
 
     def _choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
-        index = index if isinstance(index, int) else 0
-        state = self._choices.get(index)
+        state = self._choices.get(index) if type(index) is int else self._choices.get(index := 0)
         if state is None:
             state = self._choices[index] = _Choice(index)
         delta = choice.get("delta")
-        if isinstance(delta, dict):
+        if type(delta) is dict:
             state.merge(delta)
-        if choice.get("finish_reason") is not None:
-            state.finish_reason = choice["finish_reason"]
+        finish = choice.get("finish_reason")
+        if finish is not None:
+            state.finish_reason = finish
         logprobs = choice.get("logprobs")
-        if isinstance(logprobs, dict):
+        if type(logprobs) is dict:
             state.add_logprobs(logprobs)
 
 
 class _Choice:
-    __slots__ = ("index", "message", "calls", "logprobs", "finish_reason")
+    __slots__ = ("index", "message", "texts", "calls", "logprobs", "finish_reason")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.message: dict[str, Any] = {}
+        self.texts: dict[str, list[str]] = {}  # content, refusal, reasoning_content: text in pieces, joined at the end
         self.calls: dict[int, dict[str, Any]] = {}
         self.logprobs: dict[str, Any] | None = None
         self.finish_reason: Any = None
@@ -520,17 +521,22 @@ class _Choice:
     def merge(self, delta: dict[str, Any]) -> None:
         message = self.message
         for key, value in delta.items():
-            if key == "tool_calls":
-                if isinstance(value, list):
-                    for position, call in enumerate(value):
-                        if isinstance(call, dict):
-                            self._merge_call(position, call)
-            elif key == "function_call" and isinstance(value, dict):  # the legacy single call
-                message[key] = _merge_function(message.get(key) or {}, value)
+            if type(value) is str and key != "role":
+                pieces = self.texts.get(key)
+                if pieces is None:
+                    self.texts[key] = [value]
+                    message[key] = None  # keeps the key's place
+                else:
+                    pieces.append(value)
             elif value is None:
                 message.setdefault(key, None)
-            elif isinstance(value, str) and key != "role" and isinstance(message.get(key), str):
-                message[key] += value  # content, refusal, reasoning_content: text in pieces
+            elif key == "tool_calls":
+                if type(value) is list:
+                    for position, call in enumerate(value):
+                        if type(call) is dict:
+                            self._merge_call(position, call)
+            elif key == "function_call" and type(value) is dict:  # the legacy single call
+                message[key] = _merge_function(message.get(key) or {}, value)
             else:
                 message[key] = value
 
@@ -561,6 +567,8 @@ class _Choice:
 
     def as_dict(self) -> dict[str, Any]:
         message = {"role": "assistant", "content": None, **self.message}
+        for key, pieces in self.texts.items():
+            message[key] = "".join(pieces)
         if self.calls:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
         return {"index": self.index, "message": message, "logprobs": self.logprobs,
