@@ -184,7 +184,12 @@ class _Collector:
                                   value=st.gave_up)
         yield CounterMetricFamily("asyncraft_cooldowns", "shared pauses after a 429 or an exhausted server limit",
                                   value=sched.limits.cooldowns)
-        yield gauge("asyncraft_cooling_down", "1 while every call waits out a 429", 1 if snap["cooling_down"] else 0)
+        yield gauge("asyncraft_cooling_down", "1 while every call waits for a used-up limit to reset",
+                    1 if snap["cooling_down"] else 0)
+        yield gauge("asyncraft_pace_requests_per_minute", "the request rate calls are paced to: --rpm, the server's "
+                    "x-ratelimit headers or learned from 429s, whichever is lowest (0 = none)", sched.limits.rpm)
+        yield gauge("asyncraft_retrying", "tasks waiting for their retry delay (a Retry-After, a back-off)",
+                    sched.retrying())
 
         pool = view.pool
         rate_limited = 0
