@@ -169,9 +169,6 @@ class EndpointPool:
                 if not self._failed_over(ep, exc, tried):
                     raise
                 continue
-            except asyncio.CancelledError:
-                # The grace period after a stop signal ran out: the call is abandoned, not the endpoint's fault.
-                raise
             finally:
                 ep.in_flight -= 1
                 if probe:

@@ -248,6 +248,8 @@ class Scheduler:
 
     def _shutdown(self) -> None:
         """Nothing more will start: settle what waits, and let each worker exit."""
+        if self._unreachable is not None:
+            self._unreachable.cancel()
         for handle, task in self._later.values():
             handle.cancel()
             self._release(task)
@@ -375,7 +377,7 @@ class Scheduler:
                 outcome = self._judge(task, completion, estimate)
                 if outcome.retry is None and outcome.fail is None:
                     if last is not None and not last.done():
-                        await asyncio.wait([last])  # at most one record per worker on its way to disk
+                        await last  # at most one record per worker on its way to disk
                     last = self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
                                                 **(outcome.result or {}), "usage": completion.usage})
                     last.add_done_callback(functools.partial(self._durable, task, outcome))
