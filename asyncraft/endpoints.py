@@ -16,7 +16,6 @@ long time and stop the run only when no endpoint is left. With a single URL the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
