@@ -35,10 +35,10 @@ from asyncraft.provider import RateInfo
 log = logging.getLogger("asyncraft.limits")
 
 BETA = 0.7  # multiplicative decrease, as TCP CUBIC
-PATTERN_MIN = 3  # 429s in the recent outcomes that make a pattern ...
+PATTERN_MIN = 3  # 429s among the calls sent recently that make a pattern ...
 PATTERN_SHARE = 0.1  # ... when they are at least this share of them
-RECENT = 2.0  # seconds of outcomes the share is taken over ...
-MIN_OUTCOMES = 20  # ... but never fewer outcomes than this (at low rates that reaches further back)
+RECENT = 2.0  # seconds of calls the share is taken over ...
+MIN_OUTCOMES = 20  # ... but never fewer calls than this (at low rates that reaches further back)
 MAX_OUTCOMES = 1000
 CLIMB_SECONDS = 30.0  # after a decrease the rate is back where it was after this long ...
 CLIMB_CALLS = 100  # ... and this many successful calls, whichever is later
@@ -82,10 +82,16 @@ class RateController:
         self._window_open = asyncio.Event()
         self._window_open.set()
         self.in_flight = 0
-        self._outcomes: deque[tuple[float, bool]] = deque()  # (ended, was 429) of calls started after a decrease
-        self._outcome_429s = 0
-        self._successes: deque[float] = deque(maxlen=SUCCESS_MEMORY)
-        self._first_start: float | None = None  # of the first call that succeeded
+        # Start times of the recent calls, and of those among them answered 429 (calls started after the
+        # last decrease only). A 429 is set against the calls sent, not the answers received: a limiter
+        # refuses at once while an answer takes the model's time, so early 429s would look like all there is.
+        self._sent: deque[float] = deque()
+        self._refused: deque[float] = deque()
+        # When the server accepted calls: at their status (headers) when the provider reports it, which for a
+        # streamed answer is long before it ends, else at their end. A limiter refuses at once, so the
+        # accepted rate must be counted as early too.
+        self._accepted_at: deque[float] = deque(maxlen=SUCCESS_MEMORY)
+        self._hears_statuses = False
         self._decreased_at = -math.inf
         self._step = 0.0  # additive increase per success
         self._probing = False  # the last decrease was a guess: grow fast until 429s show the limit again
@@ -163,7 +169,11 @@ class RateController:
     def started(self) -> float:
         """A call goes out; returns its start time for ``succeeded``/``rate_limited``/``failed``."""
         self.in_flight += 1
-        return self._clock()
+        now = self._clock()
+        self._sent.append(now)
+        if len(self._sent) > MAX_OUTCOMES:
+            self._sent.popleft()
+        return now
 
     def correct(self, estimated: int, actual: int) -> None:
         """Charge tokens the estimate missed; an overestimate is not refunded (OpenAI counts it too)."""
@@ -175,12 +185,10 @@ class RateController:
     def succeeded(self, started: float) -> None:
         now = self._clock()
         self._ended()
-        self._successes.append(now)
-        if self._first_start is None:
-            self._first_start = started
+        if not self._hears_statuses:
+            self._accepted_at.append(now)
         if started < self._decreased_at:
             return
-        self._outcome(now, False)
         learned = self.learned
         if learned is not None:
             idle = now - self._held_back_at
@@ -201,6 +209,9 @@ class RateController:
         """An answer's status, as soon as its headers arrive (for a streamed call, long before it ends):
         the slow start widens by one per call accepted, and ends once half a window was accepted
         without a 429."""
+        if status == 200:
+            self._hears_statuses = True
+            self._accepted_at.append(self._clock())
         if self.window is None:
             return
         if status == 429:
@@ -228,8 +239,9 @@ class RateController:
         if exc.retry_after is not None:
             self._longest_retry_after = max(self._longest_retry_after, exc.retry_after)
         if started >= self._decreased_at:
-            self._outcome(now, True)
-            if self._outcome_429s >= PATTERN_MIN and self._outcome_429s >= PATTERN_SHARE * len(self._outcomes):
+            self._refused.append(started)
+            refused, sent = self._recent(now)
+            if refused >= PATTERN_MIN and refused >= PATTERN_SHARE * sent:
                 self._decrease(now, exc.retry_after)
         waits = [w for w in (exc.retry_after, used_up) if w is not None]
         return max(waits) if waits else None
@@ -282,19 +294,23 @@ class RateController:
         if self.window is not None and self.in_flight < self.window:
             self._window_open.set()
 
-    def _outcome(self, now: float, limited: bool) -> None:
-        outcomes = self._outcomes
-        outcomes.append((now, limited))
-        self._outcome_429s += limited
-        while len(outcomes) > MAX_OUTCOMES or (len(outcomes) > MIN_OUTCOMES and outcomes[0][0] < now - RECENT):
-            self._outcome_429s -= outcomes.popleft()[1]
+    def _recent(self, now: float) -> tuple[int, int]:
+        """429s among the calls sent in the last ``RECENT`` seconds (at least ``MIN_OUTCOMES`` calls), and
+        how many calls that was."""
+        sent, refused = self._sent, self._refused
+        while len(sent) > MIN_OUTCOMES and sent[0] < now - RECENT:
+            sent.popleft()
+        oldest = sent[0] if sent else now
+        while refused and refused[0] < oldest:
+            refused.popleft()
+        return len(refused), max(len(sent), len(refused))
 
     def _accepted(self, now: float, span: float) -> tuple[float, int]:
         """Successful calls per second over at least the last ``span`` seconds and the last
         ``PROBE_EVIDENCE`` successes (at most ``ACCEPTED_HORIZON`` back), and how many that was."""
         count = 0
         oldest = now
-        for t in reversed(self._successes):
+        for t in reversed(self._accepted_at):
             if (count >= PROBE_EVIDENCE and t < now - span) or t < now - ACCEPTED_HORIZON:
                 break
             count += 1
@@ -305,7 +321,7 @@ class RateController:
         # What the server has been letting through estimates its limit. A long Retry-After says it
         # directly: a server that says "come back in 12 s" allows about one call per 12 s. A short one is
         # rounded to whole seconds by most servers, so it says little.
-        since = now - self._first_start if self._first_start is not None else 0.0
+        since = now - self._accepted_at[0] if self._accepted_at else 0.0
         accepted, count = self._accepted(now, max(0.1, min(RECENT, since)))
         paced_by_server = 1.0 / retry_after if retry_after else 0.0
         if retry_after is not None and retry_after >= TRUSTED_RETRY_AFTER:
@@ -324,8 +340,8 @@ class RateController:
         self.learned = max(MIN_RATE, floor, BETA * peak)
         self._step = (peak - self.learned) / max(CLIMB_CALLS, peak * CLIMB_SECONDS)
         self._decreased_at = now
-        self._outcomes.clear()
-        self._outcome_429s = 0
+        self._sent.clear()
+        self._refused.clear()
         self.decreases += 1
         self.window = None  # the pace takes over from the slow start
         self._window_open.set()

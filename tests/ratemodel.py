@@ -124,7 +124,9 @@ def run(server: BucketServer, tasks: int, *, concurrency: int, latency: float, r
             if isinstance(answer, RateInfo):
                 ctl.observe(answer)
             ctl.answered(429 if isinstance(answer, RateLimited) else 200)
-            push(clock.now + latency * (0.5 + rng.random()), "end", (started, answer))
+            # A limiter refuses at once; an answer takes the model's time.
+            took = 0.001 if isinstance(answer, RateLimited) else latency * (0.5 + rng.random())
+            push(clock.now + took, "end", (started, answer))
 
     dispatch()
     while events:
