@@ -238,11 +238,12 @@ class RateController:
             self.cooldown(used_up, "the server says its limit is used up")
         if exc.retry_after is not None:
             self._longest_retry_after = max(self._longest_retry_after, exc.retry_after)
-        if started >= self._decreased_at:
-            self._refused.append(started)
-            refused, sent = self._recent(now)
-            if refused >= PATTERN_MIN and refused >= PATTERN_SHARE * sent:
-                self._decrease(now, exc.retry_after)
+        # A call sent before the last decrease falls outside the window (cleared then): its 429 says
+        # nothing about the pace since.
+        self._refused.append(started)
+        refused, sent = self._recent(now)
+        if refused >= PATTERN_MIN and refused >= PATTERN_SHARE * sent:
+            self._decrease(now, exc.retry_after)
         waits = [w for w in (exc.retry_after, used_up) if w is not None]
         return max(waits) if waits else None
 
