@@ -30,7 +30,7 @@ from typing import Any
 from asyncraft.cost import Budget
 from asyncraft.errors import JournalError, ProviderError, RateLimited, Unreachable
 from asyncraft.jobs.base import InputProblem, Job, Outcome, Task
-from asyncraft.journal import Durable, Journal
+from asyncraft.journal import Journal
 from asyncraft.limits import RateController, estimate_request_tokens
 from asyncraft.progress import StageTally
 from asyncraft.provider import Completion
@@ -335,7 +335,7 @@ class Scheduler:
         the one waiting for the disk."""
         me = asyncio.current_task()
         assert me is not None
-        last: Durable | None = None
+        last: asyncio.Future[None] | None = None
         while (task := await self._queue.get()) is not None:
             if self.stopping is not None:
                 self._release(task)
@@ -347,7 +347,8 @@ class Scheduler:
         if last is not None and not last.done():
             await asyncio.wait([last])  # its task is settled before the writer closes
 
-    async def _run(self, me: asyncio.Task[None], task: Task, last: Durable | None) -> Durable | None:
+    async def _run(self, me: asyncio.Task[None], task: Task,
+                   last: asyncio.Future[None] | None) -> asyncio.Future[None] | None:
         """Make the calls of one task; returns the worker's record still on its way to disk."""
         limits = self.limits
         settle = True  # release the task on the way out, unless it was handed on
