@@ -285,9 +285,9 @@ class Provider:
                     return raw
                 if not self.streams:
                     self.streams = True
+                # Read whole: aiohttp's read timeout restarts with every byte received all the same.
                 assembly = StreamAssembly()
-                async for block in resp.content.iter_any():
-                    assembly.feed(block)
+                assembly.feed(await resp.read())
                 return assembly.body()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise self._translate(exc) from None
@@ -486,10 +486,23 @@ class StreamAssembly:
         self._head.update(chunk)
         if usage is not None:
             self._usage = usage
-        if type(choices) is list:
-            for choice in choices:
-                if type(choice) is dict:
-                    self._choice(choice)
+        if type(choices) is not list:
+            return
+        if len(choices) == 1:
+            # Most chunks carry one more piece of content of a choice already begun: the short way.
+            choice = choices[0]
+            delta = choice.get("delta") if type(choice) is dict else None
+            if (type(delta) is dict and len(delta) == 1 and choice.get("finish_reason") is None
+                    and choice.get("logprobs") is None):
+                state = self._choices.get(choice.get("index", 0))
+                pieces = state.texts.get("content") if state is not None else None
+                content = delta.get("content")
+                if pieces is not None and type(content) is str:
+                    pieces.append(content)
+                    return
+        for choice in choices:
+            if type(choice) is dict:
+                self._choice(choice)
 
     def _choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
