@@ -202,8 +202,10 @@ def _state_note(snap: dict[str, Any]) -> str:
     notes = []
     errors = {k: v for k, v in (snap.get("calls") or {}).items() if k != "ok"}
     if errors:
+        last = snap.get("last_error") or ""
+        last = last if len(last) <= 160 else last[:157] + "..."
         notes.append("errors " + " ".join(f"{k}x{v}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
-                     + (f" (last: {snap['last_error']})" if snap.get("last_error") else ""))
+                     + (f" (last: {last})" if last else ""))
     if snap.get("waiting_for"):
         notes.append(f"waiting: {snap['waiting_for']}")
     if snap.get("stopping"):
