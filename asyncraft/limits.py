@@ -48,7 +48,7 @@ PROBE_SECONDS = 2.0  # ... so the rate then doubles every this many seconds (at 
                      # until the next pattern of 429s
 IDLE_FORGET = 60.0  # a learned rate that has not held anyone back for this long is dropped
 MAX_SLACK = 0.05  # seconds a late start may catch up on (timers wake a little late)
-SUCCESS_MEMORY = 5000  # successful calls remembered for the accepted rate ...
+SUCCESS_MEMORY = 5000  # accepted calls remembered for the accepted rate ...
 ACCEPTED_HORIZON = 120.0  # ... at most this many seconds back
 TRUSTED_RETRY_AFTER = 2.0  # seconds: a Retry-After this long tells the server's pace
 
@@ -74,8 +74,8 @@ class RateController:
         self._cool_why = ""
         self._lock = asyncio.Lock()
         self._concurrency = concurrency
-        # Slow start: at most this many calls in flight, one more for each success, until the concurrency
-        # is reached or half a window of answers came back without a 429 (the server takes what we send).
+        # Slow start: at most this many calls in flight, one more for each call accepted, until the
+        # concurrency is reached or half a window was accepted without a 429 (the server takes what we send).
         self.window: int | None = max(4, concurrency // 4) if concurrency > 4 else None
         self._clean_needed = (self.window or 0) // 2
         self._refused_early = False

@@ -459,6 +459,14 @@ class Simulator:
                 obj["choices"] = []
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
+        # A content chunk is the same bytes around each word: built once, so that an instant model costs
+        # the simulator little more streamed than not.
+        before, after = chunk({"content": ""}, None).split(b'"content":""', 1)
+        before += b'"content":'
+
+        def content_chunk(word: str) -> bytes:
+            return before + orjson.dumps(word) + after
+
         await self._latency()
         await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}, None))
         if stall:
@@ -474,10 +482,10 @@ class Simulator:
         if self.config.token_ms > 0:
             for word in words:
                 await asyncio.sleep(estimate_tokens(word) * self.config.token_ms / 1000.0)
-                await resp.write(chunk({"content": word}, None))
+                await resp.write(content_chunk(word))
             await resp.write(b"".join(tail))
         else:  # an instant model: the whole answer at once
-            await resp.write(b"".join([chunk({"content": word}, None) for word in words] + tail))
+            await resp.write(b"".join([content_chunk(word) for word in words] + tail))
         await resp.write_eof()
         self._pay(digest, prompt_tokens, completion_tokens)
         return resp
