@@ -441,8 +441,29 @@ class StreamAssembly:
             block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = block.split(b"\n\n")
         self._pending = events.pop()
+        payloads = []
         for event in events:
-            self._event(event)
+            if event.startswith(b"data: ") and b"\n" not in event:  # the common case: one data line
+                data = event[6:]
+            else:
+                lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+                if not lines:
+                    continue  # a comment (": keep-alive") or an event without data
+                data = b"\n".join(lines)
+            if data[:1] != b"{" and data.strip() == b"[DONE]":
+                self.done = True
+            else:
+                payloads.append(data)
+        if not payloads:
+            return
+        # One parse for all the chunks that arrived together, not one per chunk.
+        try:
+            chunks = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        except orjson.JSONDecodeError:
+            raise BadResponse(f"malformed JSON in a streamed chunk ({sum(map(len, payloads))} bytes)",
+                              status=200) from None
+        for chunk in chunks:
+            self._chunk(chunk)
 
     def body(self) -> dict[str, Any]:
         """The assembled body; raises if the stream ended before the answer was complete."""
@@ -450,7 +471,7 @@ class StreamAssembly:
         if pending.strip():
             # The last event may lack its blank line ("data: [DONE]\n" then the end); a torn one is dropped.
             with contextlib.suppress(BadResponse):
-                self._event(pending)
+                self.feed(pending.rstrip(b"\r\n") + b"\n\n")
         complete = bool(self._choices) and all(c.finish_reason is not None for c in self._choices.values())
         if not (self.done or complete):
             raise ConnectionFailed("the stream ended before the answer was complete")
@@ -460,21 +481,7 @@ class StreamAssembly:
             out["usage"] = self._usage
         return out
 
-    def _event(self, event: bytes) -> None:
-        if event.startswith(b"data: ") and b"\n" not in event:  # the common case: one data line
-            data = event[6:]
-        else:
-            lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-            if not lines:
-                return  # a comment (": keep-alive") or an event without data
-            data = b"\n".join(lines)
-        if data[:1] != b"{" and data.strip() == b"[DONE]":
-            self.done = True
-            return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise BadResponse(f"malformed JSON in a streamed chunk ({len(data)} bytes)", status=200) from None
+    def _chunk(self, chunk: Any) -> None:
         if type(chunk) is not dict:
             raise BadResponse("a streamed chunk is not a JSON object", status=200)
         if "error" in chunk:
