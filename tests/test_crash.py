@@ -1,6 +1,6 @@
 """Crash safety, shown by killing the real CLI process (SIGKILL) and resuming it.
 
-Each test checks the durability contract of DESIGN.md: every input appears exactly once in the
+Each test checks the durability promise of the README: every input appears exactly once in the
 export, the export equals that of an uninterrupted run, and the only paid calls made again are
 ones whose results were not on disk when the process died (the calls in flight).
 """

@@ -467,9 +467,14 @@ def test_model_is_required(tmp_path: Path) -> None:
     assert res.returncode == 2 and "ASYNCRAFT_MODEL" in res.stderr
 
 
-def test_demo_runs_raft_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_raft_then_the_prompts_job_end_to_end(tmp_path: Path) -> None:
     res = run_cli("demo", "--dir", str(tmp_path), env=cli_env(), timeout=60)
     assert res.returncode == 0, res.stderr
+    assert "the RAFT job on" in res.stderr and "the prompts job on" in res.stderr
+    prompts = (DOCS.parent / "prompts.jsonl").read_bytes().splitlines()
+    results = read_jsonl(tmp_path / "results.jsonl")
+    assert [r["status"] for r in results] == ["ok"] * len(prompts) and all(r["content"] for r in results)
+    assert "run --job prompts --input" in res.stdout and "run --job raft --input" in res.stdout
     rows = read_jsonl(tmp_path / "raft.jsonl")
     train, held = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "train.eval.jsonl")
     assert len(rows) > 40 and len(train) + len(held) == len(rows) and held
