@@ -234,10 +234,13 @@ class Journal:
         for (rec, _fut), line in zip(batch, lines, strict=True):
             apply(rec, (path, offset))
             offset += len(line)
-        if self.on_commit is not None:
-            self.on_commit([rec for rec, _fut in batch])
         self._fs.note("ack", seq - 1)
         _report(batch, None)
+        if self.on_commit is not None:
+            # Queued behind the futures' callbacks, so both run in one turn of the loop: counters kept by the
+            # hook and those kept by the records' owners move together, and a progress snapshot (another turn)
+            # never sees a stage's results without the run's, or the other way round.
+            loop.call_soon(self.on_commit, [rec for rec, _fut in batch])
 
     # -- runs on the journal thread --------------------------------------------------------------
 
