@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _help(command: str) -> str:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[command].format_help()
+    return str(sub.choices[command].format_help())
 
 
 def _sections(text: str) -> dict[str, str]:
