@@ -86,6 +86,7 @@ def test_cost_cap_stops_cleanly_and_a_restart_burns_no_calls(sim_factory: Any, t
     assert done["paid"] == N and set(done["paid_by_hash"].values()) == {1}
 
 
+@pytest.mark.slow
 def test_insufficient_quota_stops_and_resumes_once_raised(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--latency-ms", "5", "--quota-calls", "50")
     inp = tmp_path / "requests.jsonl"

@@ -26,6 +26,8 @@ from tests.conftest import cli_env, run_cli
 from tests.helpers import ROOT, start_simulator, task_states
 from tests.test_raft_e2e import DOCS, RAFT_FLAGS, Graph, task_graph
 
+pytestmark = pytest.mark.slow
+
 SIM_ARGS = ("--latency-ms", "15", "--latency-dist", "lognormal", "--p-429", "0.03", "--p-500", "0.03",
             "--p-malformed", "0.01", "--p-reset", "0.01", "--fault-retry-after", "0.05", "--seed", "5")
 CONCURRENCY = 8

@@ -138,6 +138,7 @@ def docs(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_run_then_export_every_format(rsim: SimProcess, docs: Path, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "state"
@@ -273,7 +274,7 @@ def test_bad_documents_are_recorded_and_the_rest_goes_on(rsim: SimProcess, tmp_p
 
 @pytest.mark.parametrize(("structured", "why", "raw"), [
     ("auto", "no final answer in the JSON reply", '"quotes"'),
-    ("off", "no <ANSWER>: tag", "##begin_quote##"),
+    pytest.param("off", "no <ANSWER>: tag", "##begin_quote##", marks=pytest.mark.slow),
 ])
 def test_unusable_answers_are_retried_then_set_aside(structured: str, why: str, raw: str, rsim: SimProcess,
                                                      tmp_path: Path) -> None:
@@ -325,6 +326,7 @@ def test_unusable_answers_are_retried_then_set_aside(structured: str, why: str, 
     assert rsim.settled_stats()["paid"] == 0
 
 
+@pytest.mark.slow
 def test_too_small_corpus_still_produces_records(rsim: SimProcess, tmp_path: Path) -> None:
     d = tmp_path / "docs"
     d.mkdir()
@@ -377,6 +379,7 @@ def test_adding_a_document_pays_only_for_it(rsim: SimProcess, tmp_path: Path) ->
     assert {r["id"] for r in rows} == after.records
 
 
+@pytest.mark.slow
 def test_max_records_stops_cleanly_and_a_higher_limit_continues(rsim: SimProcess, tmp_path: Path) -> None:
     d = tmp_path / "docs"
     d.mkdir()
