@@ -482,6 +482,10 @@ def test_demo_runs_raft_then_the_prompts_job_end_to_end(tmp_path: Path) -> None:
     train, held = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "train.eval.jsonl")
     assert len(rows) > 40 and len(train) + len(held) == len(rows) and held
     assert {r["source"] for r in rows} == {p.name for p in DOCS.iterdir()}
+    # The record shape of raft.py (test_run_then_export_every_format, a slow test, checks every format).
+    assert all(list(r)[:7] == ["id", "type", "question", "context", "oracle_context", "cot_answer", "instruction"]
+               for r in rows)
+    assert all(len(m["content"]) > 0 for r in train for m in r["messages"])
     assert "tail -f --state-dir" in res.stdout and str(tmp_path / "raft.jsonl") in res.stdout
     assert "429s" in res.stderr and "injected" in res.stderr
     assert run_cli("verify", "--state-dir", str(tmp_path / "state"), env=cli_env()).returncode == 0

@@ -219,14 +219,20 @@ async def test_nothing_reachable_stops_the_run(monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_a_stop_request_cancels_workers_waiting_for_the_rate_controller() -> None:
-    h = Harness(ok, 100, concurrency=4)
+    called = asyncio.Event()
+
+    def first(task: Task, n: int) -> Completion:
+        called.set()
+        return ok(task, n)
+
+    h = Harness(first, 100, concurrency=4)
     h.sched.limits = RateController(rpm=60, concurrency=4)  # one call a second: most workers wait in line
 
-    async def stop_soon() -> None:
-        await asyncio.sleep(0.3)
+    async def stop_once_a_call_was_made() -> None:
+        await called.wait()
         h.sched.request_stop("test")
 
-    stopper = asyncio.create_task(stop_soon())
+    stopper = asyncio.create_task(stop_once_a_call_was_made())
     sched = await h.run(within=5)
     await stopper
     assert sched.stopping == "test" and 1 <= len(sched.done) <= 2
