@@ -226,13 +226,15 @@ async def test_a_stop_request_cancels_workers_waiting_for_the_rate_controller() 
         return ok(task, n)
 
     h = Harness(first, 100, concurrency=4)
-    h.sched.limits = RateController(rpm=60, concurrency=4)  # one call a second: most workers wait in line
+    # One call a second on a clock that never moves: the workers in line at the controller wait until cancelled.
+    h.sched.limits = RateController(rpm=60, concurrency=4, clock=lambda: 0.0,
+                                    sleep=lambda _s: asyncio.Event().wait())
 
     async def stop_once_a_call_was_made() -> None:
         await called.wait()
         h.sched.request_stop("test")
 
     stopper = asyncio.create_task(stop_once_a_call_was_made())
-    sched = await h.run(within=5)
+    sched = await h.run(within=2)
     await stopper
     assert sched.stopping == "test" and 1 <= len(sched.done) <= 2
