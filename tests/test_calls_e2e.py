@@ -143,6 +143,7 @@ def test_a_model_the_server_does_not_list_is_refused_before_any_call(sim_factory
     assert sim.stats()["requests"] == 0 and not (tmp_path / "state").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_embedding_model_is_refused_before_any_call(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--models", "sim-1")
     res = run_job(DOCS, tmp_path / "state", cli_env(sim), "--job", "raft", "--chunker", "semantic")
@@ -183,6 +184,7 @@ def test_an_unknown_model_answered_400_stops_within_two_waves_and_the_fix_goes_o
     assert status_of(state)["done"] == 300
 
 
+@pytest.mark.slow
 def test_a_bad_request_shared_by_every_line_stops_the_run(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory()
     inp = tmp_path / "in.jsonl"
@@ -192,6 +194,7 @@ def test_a_bad_request_shared_by_every_line_stops_the_run(sim_factory: Any, tmp_
     assert sim.stats()["requests"] <= 8 and errors_of(tmp_path / "state") == []
 
 
+@pytest.mark.slow
 def test_a_run_in_which_every_task_failed_exits_non_zero(sim_factory: Any, tmp_path: Path) -> None:
     """Each line refused for its own reason: those are the requests' failures, recorded, and the run says
     that nothing succeeded."""
@@ -204,6 +207,7 @@ def test_a_run_in_which_every_task_failed_exits_non_zero(sim_factory: Any, tmp_p
     assert len(errors_of(tmp_path / "state")) == 10
 
 
+@pytest.mark.slow
 def test_persistent_server_errors_show_in_the_progress_line(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--p-500", "1", "--latency-ms", "50")
     inp = tmp_path / "in.jsonl"

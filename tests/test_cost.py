@@ -24,6 +24,7 @@ def priced_env(sim: Any, **extra: str) -> dict[str, str]:
                    ASYNCRAFT_CONCURRENCY=str(CONCURRENCY), **extra)
 
 
+@pytest.mark.slow
 def test_tokens_and_cost_match_the_simulator_usage(sim_factory: Any, tmp_path: Path) -> None:
     # 429s and 500s are not billed: they must not be counted either.
     sim = sim_factory("--latency-ms", "5", "--p-429", "0.05", "--p-500", "0.05", "--fault-retry-after", "0.02",

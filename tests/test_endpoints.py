@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from asyncraft.endpoints import endpoint_label
 from tests.conftest import cli_env, run_cli, write_prompts
@@ -73,6 +74,7 @@ def test_calls_are_spread_by_free_capacity(sim_factory: Any, tmp_path: Path) -> 
     assert fast_paid > 2 * slow_paid, (fast_paid, slow_paid)
 
 
+@pytest.mark.slow
 def test_endpoint_that_goes_away_mid_run(sim_factory: Any, tmp_path: Path) -> None:
     a = sim_factory("--latency-ms", "20")
     b = sim_factory("--latency-ms", "20")

@@ -107,7 +107,8 @@ def test_server_rate_limit_headers_are_followed(sim_factory: Any, tmp_path: Path
 
 @pytest.mark.parametrize(("sim_args", "env_extra", "expect"), [
     (("--api-key", "the-right-key"), {}, "HTTP 401"),
-    (("--models", "sim-1"), {"ASYNCRAFT_MODEL": "no-such-model", "ASYNCRAFT_MODEL_CHECK": "off"}, "model_not_found"),
+    pytest.param(("--models", "sim-1"), {"ASYNCRAFT_MODEL": "no-such-model", "ASYNCRAFT_MODEL_CHECK": "off"},
+                 "model_not_found", marks=pytest.mark.slow),
 ], ids=["wrong-key", "unknown-model-404"])
 def test_fatal_errors_stop_at_once_with_exit_75_and_resume(sim_factory: Any, tmp_path: Path,
                                                            sim_args: tuple[str, ...], env_extra: dict[str, str],
@@ -128,6 +129,7 @@ def test_fatal_errors_stop_at_once_with_exit_75_and_resume(sim_factory: Any, tmp
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 def test_insufficient_quota_stops_cleanly_and_nothing_done_is_paid_again(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--quota-calls", "30")
     inp = tmp_path / "in.jsonl"
@@ -144,6 +146,7 @@ def test_insufficient_quota_stops_cleanly_and_nothing_done_is_paid_again(sim_fac
     assert st["paid"] == 80 and set(st["paid_by_hash"].values()) == {1}
 
 
+@pytest.mark.slow
 def test_a_400_fails_only_its_own_task(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory()
     inp = tmp_path / "in.jsonl"
@@ -169,6 +172,7 @@ def test_a_400_fails_only_its_own_task(sim_factory: Any, tmp_path: Path) -> None
     assert sim.stats()["by_status"]["400"] == 2
 
 
+@pytest.mark.slow
 def test_malformed_answers_and_connection_resets_are_retried(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--p-malformed", "0.2", "--p-reset", "0.2", "--p-500", "0.1", "--p-503", "0.1",
                       "--fault-retry-after", "0.01", "--seed", "4")
@@ -182,6 +186,7 @@ def test_malformed_answers_and_connection_resets_are_retried(sim_factory: Any, t
     assert [r["status"] for r in export_rows(tmp_path / "state", env, tmp_path / "o.jsonl")] == ["ok"] * 50
 
 
+@pytest.mark.slow
 def test_calls_still_failing_after_max_retries_are_left_for_the_next_run(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--p-500", "1.0")
     inp = tmp_path / "in.jsonl"
@@ -310,6 +315,7 @@ def test_disk_full_stops_cleanly_then_resumes(sim_factory: Any, tmp_path: Path) 
     assert [r["status"] for r in export_rows(state, env, tmp_path / "o.jsonl")] == ["ok"] * 60
 
 
+@pytest.mark.slow
 def test_a_short_disk_full_is_ridden_out(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory()
     inp = tmp_path / "in.jsonl"

@@ -38,6 +38,7 @@ def printed_seqs(path: Path) -> list[int]:
     return [orjson.loads(line)["seq"] for line in data[: data.rfind(b"\n") + 1].splitlines()]
 
 
+@pytest.mark.slow
 def test_follow_across_rotation_and_compaction_misses_and_repeats_nothing(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--latency-ms", "15", "--latency-dist", "uniform", "--seed", "5")
     inp = tmp_path / "requests.jsonl"
