@@ -174,9 +174,7 @@ class Runner:
             if resume is not None:
                 states = recovered.tasks
 
-                def settled(key: int | None, problem: bool) -> bool:
-                    if key is None:
-                        return True
+                def settled(key: int, problem: bool) -> bool:
                     if problem:
                         return key in states.input_errors
                     return key in states.done or (not s.retry_failed and key in states.failed)

@@ -77,7 +77,7 @@ class InputTracker:
     up for this run, or not started before a stop) holds the position back. At most ``cap`` lines are
     followed ahead of it: past that the position cannot move anyway until the oldest line settles."""
 
-    def __init__(self, start: InputPosition, settled: Callable[[int | None, bool], bool], cap: int = 200_000) -> None:
+    def __init__(self, start: InputPosition, settled: Callable[[int, bool], bool], cap: int = 200_000) -> None:
         self.position = start
         self._settled = settled
         # line, end, crc, the keys of its tasks (one per sample; none for a blank line), is problem
@@ -231,7 +231,7 @@ class PromptsJob:
         return {"k": "inpos", "offset": pos.offset, "line": pos.line, "crc": pos.crc, "fp": self._fp(),
                 "ino": st.st_ino, "dev": st.st_dev, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
-    def resume_from(self, rec: dict[str, Any] | None, settled: Callable[[int | None, bool], bool], *,
+    def resume_from(self, rec: dict[str, Any] | None, settled: Callable[[int, bool], bool], *,
                     trust_position: bool = True) -> None:
         """Start the first pass at the recorded position if it still describes this input, and follow progress."""
         start = InputPosition(0, 0, 0)
