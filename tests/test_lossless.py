@@ -18,8 +18,8 @@ import pytest
 from asyncraft import app, export, views
 from asyncraft.config import Settings
 from asyncraft.jobs.base import InputProblem, Task
-from asyncraft.jobs.prompts import InputPosition, InputTracker, PromptsJob
-from asyncraft.records import id_key
+from asyncraft.jobs.prompts import InputPosition, InputTracker, PromptsJob, Repeats
+from asyncraft.records import content_id, id_key
 from asyncraft.responses import response_body
 from asyncraft.simulate import SimConfig, SimStats, Simulator, body_hash
 from asyncraft.storage.layout import StateDir
@@ -145,7 +145,7 @@ async def test_repeated_lines_share_one_answer_and_repeated_custom_ids_are_repor
         rc, stats, state = await run_job(tmp_path, lines)
     assert rc == 0 and stats.paid == 2
     log = caplog.text
-    assert "line 3: custom_id 'a' repeats line 1's" in log
+    assert "line 3 has the custom_id of line 1" in log
     assert "2 line(s) repeat the request body of an earlier line and share its answer" in log
     st = views.status(StateDir(state))
     assert st["shared_lines"] == 2 and st["repeated_custom_ids"] == 1
@@ -277,3 +277,21 @@ def test_a_line_is_handled_only_when_all_its_samples_are(tmp_path: Path) -> None
     assert tracker.advance() == InputPosition(0, 0, 0)  # line 1 has a sample still to do
     settled.add(id_key(tasks[1].id))
     assert tracker.advance().line == 1
+
+
+def test_repeats_are_found_in_compact_arrays() -> None:
+    repeats = Repeats()
+    for line, (custom_id, content) in enumerate([("a", "x"), ("b", "y"), ("a", "x"), ("c", "z"), ("b", "x"),
+                                                 ("a", "w"), (None, "y")], start=1):
+        meta = {"line": line} if custom_id is None else {"line": line, "custom_id": custom_id}
+        repeats.add(line, Task(content_id("prompts", content), "prompts", {}, meta))
+    assert repeats.repeated_ids() == [(3, 1), (5, 2), (6, 1)]
+    assert repeats.shared() == 3  # lines 3 and 5 ask what line 1 asked, line 7 what line 2 asked
+    assert Repeats().shared() == 0 and Repeats().repeated_ids() == []
+
+
+def test_token_estimates_of_embeddings_and_completions() -> None:
+    from asyncraft.limits import estimate_request_tokens
+
+    assert estimate_request_tokens({"input": ["x" * 40, "y" * 40], "model": "e"}, 256) == 20  # nothing generated
+    assert estimate_request_tokens({"prompt": "x" * 40, "max_tokens": 5}, 256) == 10 + 5

@@ -17,8 +17,10 @@ edited), the CRC of that prefix is checked first; an edited prefix is read again
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +33,6 @@ from asyncraft.errors import ConfigError
 from asyncraft.jobs.base import InputProblem, Outcome, Task
 from asyncraft.provider import Completion
 from asyncraft.records import content_id, id_key
-from asyncraft.text import safe
 
 log = logging.getLogger("asyncraft")
 
@@ -102,6 +103,58 @@ class InputTracker:
         return self.position
 
 
+class Repeats:
+    """Repeated request bodies and custom_ids in one pass over the input, in 24 bytes a line: 64-bit hashes in
+    arrays, compared once at the end of the pass (sets of a million ids and strings would take some 180 MB)."""
+
+    def __init__(self) -> None:
+        self._bodies = array("Q")
+        self._ids = array("Q")
+        self._id_lines = array("Q")
+
+    def add(self, line: int, task: Task) -> None:
+        self._bodies.append(id_key(task.id) >> 64)
+        custom_id = task.meta.get("custom_id")
+        if custom_id is not None:
+            self._ids.append(int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little"))
+            self._id_lines.append(line)
+
+    def shared(self) -> int:
+        """Lines whose request body an earlier line has."""
+        if len(self._bodies) < 2:
+            return 0
+        import pyarrow.compute as pc
+
+        return len(self._bodies) - int(pc.count_distinct(_arrow(self._bodies)).as_py())
+
+    def repeated_ids(self) -> list[tuple[int, int]]:
+        """(line, the first line with its custom_id) of every line whose custom_id an earlier line has."""
+        if len(self._ids) < 2:
+            return []
+        import pyarrow.compute as pc
+
+        hashes = _arrow(self._ids)
+        order = pc.sort_indices(hashes)  # stable: equal ids stay in line order
+        ordered = pc.take(hashes, order)
+        same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+        lines = pc.take(_arrow(self._id_lines), order)
+        out: list[tuple[int, int]] = []
+        first = previous = -2
+        for i in pc.indices_nonzero(same).to_pylist():  # ordered[i + 1] repeats ordered[i]
+            if i != previous + 1:
+                first = lines[i].as_py()
+            out.append((lines[i + 1].as_py(), first))
+            previous = i
+        return sorted(out)
+
+
+def _arrow(values: array[int]) -> Any:
+    """An array of 64-bit unsigned ints as an Arrow array, without a copy."""
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(pa.uint64(), len(values), [None, pa.py_buffer(values)])
+
+
 @dataclass(slots=True)
 class InputLine:
     """One line of the input as export sees it: its tasks (one per sample), or why it has none."""
@@ -141,10 +194,7 @@ class PromptsJob:
         """Every line's tasks in order, from where the last run left off on the first call (see ``resume_from``)."""
         start, self._start = self._start, None
         tracker = self.tracker
-        bodies: set[int] = set()
-        ids: dict[str, int] = {}
-        shared = repeated = 0
-        shown: list[str] = []
+        repeats = Repeats()
         for lineno, end, crc, item in self._read(start, tracker is not None and tracker.feeding):
             if isinstance(item, InputProblem):
                 if tracker is not None:
@@ -153,35 +203,24 @@ class PromptsJob:
                 continue
             if tracker is not None:
                 tracker.add(lineno, end, crc, tuple(id_key(t.id) for t in item), False)
-            if not item:
-                continue
-            first = item[0]
-            key = id_key(first.id)
-            if key in bodies:
-                shared += 1
-            else:
-                bodies.add(key)
-            custom_id = first.meta.get("custom_id")
-            if custom_id is not None:
-                before = ids.setdefault(custom_id, lineno)
-                if before != lineno:
-                    repeated += 1
-                    if repeated <= SHOWN_DUPLICATES:
-                        log.warning("line %d: custom_id %s repeats line %d's (OpenAI's Batch API refuses such a "
-                                    "file; asyncraft answers both lines and exports each with its line number)",
-                                    lineno, safe(repr(custom_id)), before)
-                    if len(shown) < 50:
-                        shown.append(str(lineno))
-            yield from item
+            if item:
+                repeats.add(lineno, item[0])
+                yield from item
         if tracker is not None:
             tracker.feeding = False  # later passes (--watch) read from the start; the position stays put
-        self.shared_lines, self.repeated_ids = shared, repeated
-        if repeated > SHOWN_DUPLICATES:
-            log.warning("%d lines in all repeat an earlier line's custom_id (lines %s%s)", repeated,
-                        ", ".join(shown), ", ..." if repeated > len(shown) else "")
-        if shared:
+        self.shared_lines = repeats.shared()
+        pairs = repeats.repeated_ids()
+        self.repeated_ids = len(pairs)
+        for line, first in pairs[:SHOWN_DUPLICATES]:
+            log.warning("line %d has the custom_id of line %d (OpenAI's Batch API refuses such a file; asyncraft "
+                        "answers both lines and exports each with its line number)", line, first)
+        if len(pairs) > SHOWN_DUPLICATES:
+            shown = ", ".join(str(line) for line, _ in pairs[:50])
+            log.warning("%d lines in all repeat an earlier line's custom_id (lines %s%s)", len(pairs), shown,
+                        ", ..." if len(pairs) > 50 else "")
+        if self.shared_lines:
             log.warning("%d line(s) repeat the request body of an earlier line and share its answer (one call for "
-                        "all of them); --samples K draws K independent answers per line", shared)
+                        "all of them); --samples K draws K independent answers per line", self.shared_lines)
 
     def lines(self) -> Iterator[InputLine]:
         """Every line from the start, blank ones included (for export)."""
