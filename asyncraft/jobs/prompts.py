@@ -17,13 +17,14 @@ edited), the CRC of that prefix is checked first; an edited prefix is read again
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zlib
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import compress, islice
+from operator import eq
 from pathlib import Path
 from typing import Any
 
@@ -105,54 +106,46 @@ class InputTracker:
 
 class Repeats:
     """Repeated request bodies and custom_ids in one pass over the input, in 24 bytes a line: 64-bit hashes in
-    arrays, compared once at the end of the pass (sets of a million ids and strings would take some 180 MB)."""
+    arrays, sorted once at the end of the pass (sets of a million ids and strings would take some 180 MB for the
+    whole run; the sort takes about 45 MB a million lines, for a moment)."""
 
     def __init__(self) -> None:
         self._bodies = array("Q")
-        self._ids = array("Q")
+        self._ids = array("q")
         self._id_lines = array("Q")
 
     def add(self, line: int, task: Task) -> None:
-        self._bodies.append(id_key(task.id) >> 64)
+        self._bodies.append(int(task.id[:16], 16))
         custom_id = task.meta.get("custom_id")
         if custom_id is not None:
-            self._ids.append(int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little"))
+            # Python's own string hash: 64 bits, and only compared within this process.
+            self._ids.append(hash(custom_id))
             self._id_lines.append(line)
 
     def shared(self) -> int:
         """Lines whose request body an earlier line has."""
-        if len(self._bodies) < 2:
-            return 0
-        import pyarrow.compute as pc
-
-        return len(self._bodies) - int(pc.count_distinct(_arrow(self._bodies)).as_py())
+        return len(_repeats(self._bodies))
 
     def repeated_ids(self) -> list[tuple[int, int]]:
         """(line, the first line with its custom_id) of every line whose custom_id an earlier line has."""
-        if len(self._ids) < 2:
+        repeated = set(_repeats(self._ids))
+        if not repeated:
             return []
-        import pyarrow.compute as pc
-
-        hashes = _arrow(self._ids)
-        order = pc.sort_indices(hashes)  # stable: equal ids stay in line order
-        ordered = pc.take(hashes, order)
-        same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
-        lines = pc.take(_arrow(self._id_lines), order)
-        out: list[tuple[int, int]] = []
-        first = previous = -2
-        for i in pc.indices_nonzero(same).to_pylist():  # ordered[i + 1] repeats ordered[i]
-            if i != previous + 1:
-                first = lines[i].as_py()
-            out.append((lines[i + 1].as_py(), first))
-            previous = i
-        return sorted(out)
+        first: dict[int, int] = {}
+        out = []
+        for h, line in zip(self._ids, self._id_lines, strict=True):
+            if h in repeated:
+                if h in first:
+                    out.append((line, first[h]))
+                else:
+                    first[h] = line
+        return out
 
 
-def _arrow(values: array[int]) -> Any:
-    """An array of 64-bit unsigned ints as an Arrow array, without a copy."""
-    import pyarrow as pa
-
-    return pa.Array.from_buffers(pa.uint64(), len(values), [None, pa.py_buffer(values)])
+def _repeats(values: array[int]) -> list[int]:
+    """Each value once for every time it occurs after its first (sorted, compared with the next: all in C)."""
+    ordered = sorted(values)
+    return list(compress(ordered, map(eq, ordered, islice(ordered, 1, None))))
 
 
 @dataclass(slots=True)
