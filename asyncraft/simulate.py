@@ -195,8 +195,10 @@ def _logprobs(content: str, top: int | None) -> dict[str, Any] | None:
 def _error(status: int, message: str, etype: str, code: str | None, headers: dict[str, str] | None = None,
            ) -> web.Response:
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    # As OpenAI, an error answer has a request id too (a failed line's batch output shows it).
+    request_id = "req_" + hashlib.blake2b(orjson.dumps([status, message]), digest_size=12).hexdigest()
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
-                        headers=headers)
+                        headers={"x-request-id": request_id, **(headers or {})})
 
 
 class Simulator:

@@ -187,7 +187,7 @@ async def test_a_refused_call_keeps_the_servers_error_body(tmp_path: Path) -> No
     assert counts == {"ok": 1, "failed": 1}
     refused = batch[1]
     assert refused["error"] is None  # as OpenAI's Batch API reports a request the server refused
-    assert refused["response"]["status_code"] == 400
+    assert refused["response"]["status_code"] == 400 and refused["response"]["request_id"].startswith("req_")
     assert refused["response"]["body"]["error"]["code"] == "invalid_value"
     assert KEY not in orjson.dumps(batch).decode()
 
@@ -295,3 +295,18 @@ def test_token_estimates_of_embeddings_and_completions() -> None:
 
     assert estimate_request_tokens({"input": ["x" * 40, "y" * 40], "model": "e"}, 256) == 20  # nothing generated
     assert estimate_request_tokens({"prompt": "x" * 40, "max_tokens": 5}, 256) == 10 + 5
+
+
+async def test_an_error_keeps_the_servers_body_without_the_key() -> None:
+    from asyncraft.errors import AuthError
+    from asyncraft.provider import Provider
+
+    wrong = "sk-wrong-key-0123456789"
+    async with Simulator(SimConfig(port=0, api_key="the-right-key")) as sim, \
+            Provider(sim.base_url, api_key=wrong) as provider:
+        with pytest.raises(AuthError) as caught:
+            await provider.chat({**chat("Hello."), "model": "sim-1"})
+    err = caught.value
+    assert err.body["error"]["code"] == "invalid_api_key"  # the simulator echoes the key, as careless servers do
+    assert wrong not in orjson.dumps(err.body).decode() and "***" in err.body["error"]["message"]
+    assert err.request_id is not None and err.request_id.startswith("req_")
