@@ -193,12 +193,12 @@ def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_throughput(_: argparse.Namespace) -> None:
+def bench_throughput(ns: argparse.Namespace) -> None:
     compare(["--latency-ms", "0"], 20_000, 100, 5, 0.75, "throughput floor (0 ms, c=100, 20k)", calibrate=(20, 40))
     compare(["--latency-ms", "200"], 10_000, 100, 3, 0.95, "throughput floor (200 ms, c=100, 10k)")
 
 
-def bench_latency(_: argparse.Namespace) -> None:
+def bench_latency(ns: argparse.Namespace) -> None:
     compare(["--latency-ms", "1000", "--latency-dist", "lognormal"], 20_000, 1000, 2, 0.95,
             "latency (1 s lognormal, c=1000, 20k)")
 
@@ -229,7 +229,7 @@ class InstantPool:
         return []
 
 
-def bench_overhead(_: argparse.Namespace) -> None:
+def bench_overhead(ns: argparse.Namespace) -> None:
     """CPU per task of whole runs (start-up, recovery, every task, final snapshot) with the instant provider."""
     n, rounds = 50_000, 5
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
@@ -285,7 +285,7 @@ def peak_rss_mb(args: list[str], env: dict[str, str], tmp: Path) -> float:
     return int(peak_file.read_text()) / 1024
 
 
-def bench_memory(_: argparse.Namespace) -> None:
+def bench_memory(ns: argparse.Namespace) -> None:
     n = 1_000_000
     sim = Sim("--latency-ms", "0")
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
@@ -328,7 +328,7 @@ def limit_rounds(name: str, sim_args: list[str], n: int, concurrency: int, round
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_ratelimit(_: argparse.Namespace) -> None:
+def bench_ratelimit(ns: argparse.Namespace) -> None:
     rpm, n = 3000, 2500  # 50 calls a second: about 50 s a round
     limit_rounds(f"announced limit (simulator {rpm} rpm with x-ratelimit headers, client --rpm {rpm}, c=64)",
                  ["--rpm", str(rpm), "--latency-ms", "50"], n, 64, 3, rpm, "target <= 1% and >= 0.95",
@@ -359,7 +359,7 @@ def bench_ratelimit(_: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_streaming(_: argparse.Namespace) -> None:
+def bench_streaming(ns: argparse.Namespace) -> None:
     # CPU per call, end to end: the client process's CPU time, streamed and not, at 0 ms latency.
     sim = Sim("--latency-ms", "0")
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
