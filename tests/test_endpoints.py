@@ -31,6 +31,7 @@ def two_urls(a: SimProcess, b: SimProcess) -> str:
     return f"{a.base_url},{b.base_url}"
 
 
+@pytest.mark.slow
 def test_failing_endpoint_is_backed_off_and_the_other_takes_its_work(sim_factory: Any, tmp_path: Path) -> None:
     good = sim_factory("--latency-ms", "10")
     bad = sim_factory("--latency-ms", "10", "--p-500", "1")

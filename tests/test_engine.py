@@ -264,6 +264,7 @@ def test_identical_requests_are_paid_once_and_a_rerun_pays_nothing(sim_factory: 
     assert sim.stats()["requests"] == 21
 
 
+@pytest.mark.slow
 def test_another_model_is_refused_unless_asked_for(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--models", "sim-1,sim-2")
     inp = tmp_path / "in.jsonl"
