@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from asyncraft import scheduler as scheduler_module
+from asyncraft.cost import Budget
 from asyncraft.errors import (
     AuthError,
     BadRequest,
@@ -238,3 +239,13 @@ async def test_a_stop_request_cancels_workers_waiting_for_the_rate_controller() 
     sched = await h.run(within=2)
     await stopper
     assert sched.stopping == "test" and 1 <= len(sched.done) <= 2
+
+
+async def test_a_token_budget_stops_new_calls_once_reached() -> None:
+    """Each answer uses 5 tokens; with 22 allowed, the fifth answer crosses the cap. Calls already in flight
+    finish and count, no new one starts, and the rest is left for a run with a higher cap."""
+    h = Harness(ok, 40, concurrency=2, budget=Budget(max_tokens=22))
+    sched = await h.run()
+    assert sched.stopping is not None and "token budget reached" in sched.stopping
+    assert 5 <= len(sched.done) <= 5 + 2 and sum(h.calls.values()) == len(sched.done)
+    assert sum(sched.tokens_used()) >= 22
