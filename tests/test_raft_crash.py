@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from asyncraft import simcontent
-from asyncraft.errors import StateDamaged
+from asyncraft.errors import JournalError
 from asyncraft.records import id_key
 from tests.conftest import cli_env, run_cli
 from tests.helpers import ROOT, start_simulator, task_states
@@ -68,10 +68,11 @@ def stages_in_progress(state: Path, graph: Graph) -> set[str]:
 
 
 def settled_now(state: Path) -> int | None:
-    """Tasks settled on disk while a run writes; None when a compaction moved records under the reader."""
+    """Tasks settled on disk while a run writes; None when the writer moved or extended a file under the reader
+    (a compaction, a rotation, a line half-written)."""
     try:
         return len(task_states(state).settled)
-    except (OSError, StateDamaged):
+    except (OSError, JournalError):
         return None
 
 
