@@ -296,6 +296,17 @@ OPTIONS: tuple[Option, ...] = (
            "plus 1 s, or two request intervals of --rpm)", commands=("run", "demo"), metavar="S"),
     Option("failpoints", _text, "", "test hook: comma-separated failpoints (name[=action][@hit])",
            flag=False),
+    # -- state beyond the machine (asyncraft.remote) --
+    Option("state_url", _optional_text, None, "s3://, gs://, az:// or file:// URL holding the state; the local "
+           "state dir becomes a cache (credentials from the store's usual variables: AWS_*, GOOGLE_*, AZURE_*)",
+           commands=_STATEFUL, metavar="URL"),
+    Option("remote_durability", _choice("async", "sync"), "async", "async: a result is acknowledged once on the "
+           "local disk (losing the machine re-pays at most one interval of results); sync: once the object store "
+           "has it", metavar="MODE"),
+    Option("remote_interval", _number(float, 0.01, 3600.0), 1.0, "seconds between shipments of the journal's "
+           "tail to the state URL (async durability)", metavar="S"),
+    Option("remote_lease", _number(float, 1.0, 86_400.0), 30.0, "seconds the state URL's lease lasts without "
+           "renewal; another machine takes over only after it expires", metavar="S"),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -370,6 +381,10 @@ class Settings:
     health_writer_timeout: float = 120.0
     health_stall_timeout: float = 300.0
     failpoints: str = ""
+    state_url: str | None = None
+    remote_durability: str = "async"
+    remote_interval: float = 1.0
+    remote_lease: float = 30.0
     api_key: str | None = field(default=None, repr=False)
 
     @property
