@@ -1,0 +1,183 @@
+"""``--state-url`` end to end: the real CLI against the simulator, with its state replicated to a real S3 API
+server on 127.0.0.1 (moto) or a file:// store. Machine loss (kill -9, the local dir deleted, a fresh dir on
+the same URL), the store unreachable mid-run, two machines on one URL, and the read-only commands on a URL."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncraft.remote import Remote
+from asyncraft.remote.layout import LEASE, Head
+from tests.conftest import cli_env, run_cli, write_prompts
+from tests.helpers import ROOT, SimProcess, start_simulator, task_states, wait_until
+from tests.test_crash import hash_of_task
+
+pytest_plugins = ("tests.remote_helpers",)
+
+SIM_ARGS = ("--latency-ms", "20", "--seed", "5")
+CONCURRENCY = 8
+IN_FLIGHT = 2 * CONCURRENCY  # per worker: one call at the server, one answered record on its way to disk
+RECORDS = 400
+INTERVAL = 0.3  # ASYNCRAFT_REMOTE_INTERVAL of these tests
+LEASE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def sim() -> Any:
+    proc = start_simulator(*SIM_ARGS)
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """The input and the export of an uninterrupted local-only run (on its own simulator)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    inp = tmp / "requests.jsonl"
+    write_prompts(inp, RECORDS)
+    sim = start_simulator(*SIM_ARGS)
+    try:
+        env = cli_env(sim, ASYNCRAFT_CONCURRENCY="32")
+        res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp / "state"), env=env)
+        assert res.returncode == 0, res.stderr
+        return inp, export(env, tmp / "ref.jsonl", "--state-dir", str(tmp / "state"))
+    finally:
+        sim.close()
+
+
+def export(env: dict[str, str], out: Path, *where: str) -> bytes:
+    res = run_cli("export", *where, "--format", "prompts", "--out", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    return out.read_bytes()
+
+
+def remote_env(sim: SimProcess, durability: str, **extra: str) -> dict[str, str]:
+    return cli_env(sim, ASYNCRAFT_CONCURRENCY=str(CONCURRENCY), ASYNCRAFT_REMOTE_DURABILITY=durability,
+                   ASYNCRAFT_REMOTE_INTERVAL=str(INTERVAL), ASYNCRAFT_REMOTE_LEASE=str(LEASE_S),
+                   ASYNCRAFT_SNAPSHOT_EVERY="120", ASYNCRAFT_SEGMENT_MB="0.02", **extra)
+
+
+def start_run(inp: Path, state: Path, url: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "asyncraft", "run", "--input", str(inp), "--state-dir", str(state),
+                             "--state-url", url], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def lease_head(url: str) -> Head | None:
+    blob = asyncio.run(Remote.open(url).get(LEASE))
+    return None if blob is None else Head.decode(blob.data, url)
+
+
+def wait_lease_expired(url: str) -> None:
+    def expired() -> bool:
+        head = lease_head(url)
+        return head is None or head.expired(time.time())
+
+    wait_until(expired, timeout=LEASE_S * 5, what="the killed owner's lease to expire")
+
+
+def store_done(url: str, env: dict[str, str], tmp: Path) -> set[int]:
+    """Task keys done according to the store (restored into a fresh dir, as another machine would)."""
+    dest = tmp / f"peek-{time.monotonic_ns()}"
+    from asyncraft.remote import restore
+
+    asyncio.run(restore(Remote.open(url), dest))
+    return set(task_states(dest).settled)
+
+
+def paid(sim: SimProcess) -> Counter[str]:
+    return Counter(sim.settled_stats()["paid_by_hash"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_machine_loss_restores_and_continues(sim: SimProcess, reference: tuple[Path, bytes], store_url: str,
+                                             durability: str, tmp_path: Path) -> None:
+    inp, expected = reference
+    task_hash = hash_of_task(inp)
+    env = remote_env(sim, durability)
+    sim.settled_stats()
+    sim.reset()
+    # The first machine: killed with -9 part-way.
+    t0 = time.monotonic()
+    proc = start_run(inp, tmp_path / "machine-a", store_url, env)
+    wait_until(lambda: sim.stats()["paid"] >= RECORDS // 2 or proc.poll() is not None, what="half the calls")
+    proc.kill()
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err
+    elapsed = time.monotonic() - t0
+    first = paid(sim)
+    in_store = {task_hash[k] for k in store_done(store_url, env, tmp_path)}
+    lost = [h for h in first if h not in in_store]
+    # Async: what the local disk had and the store had not yet (one interval, plus the round under way).
+    allowance = IN_FLIGHT
+    if durability == "async":
+        allowance += math.ceil(sum(first.values()) / elapsed * 2 * INTERVAL)
+    assert len(lost) <= allowance, f"{len(lost)} paid results are not in the store (allowed {allowance})"
+    # The machine is gone: its disk with it. Another one starts with an empty dir once the lease expires.
+    shutil.rmtree(tmp_path / "machine-a")
+    wait_lease_expired(store_url)
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "machine-b"), "--state-url", store_url,
+                  env=env)
+    assert res.returncode == 0, res.stderr
+    assert "restored as generation" in res.stderr
+    second = paid(sim) - first
+    assert all(n == 1 for n in second.values()), "a call was paid twice within one run"
+    again = [h for h in second if h in first]
+    assert set(again) <= set(lost), "paid again for a result the store had"
+    assert len(again) <= allowance
+    assert export(env, tmp_path / "url.jsonl", "--state-url", store_url) == expected
+    assert export(env, tmp_path / "local.jsonl", "--state-dir", str(tmp_path / "machine-b")) == expected
+
+
+def test_read_only_commands_on_a_url(sim: SimProcess, tmp_path: Path) -> None:
+    inp = tmp_path / "requests.jsonl"
+    write_prompts(inp, 30)
+    url = (tmp_path / "bucket").as_uri()
+    env = remote_env(sim, "async")
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "state"), "--state-url", url, env=env)
+    assert res.returncode == 0, res.stderr
+    st = run_cli("status", "--state-url", url, env=env)
+    assert st.returncode == 0, st.stderr
+    assert "30 done" in st.stdout and url in st.stdout
+    ver = run_cli("verify", "--state-url", url, env=env)
+    assert ver.returncode == 0 and "verify: ok" in ver.stdout, ver.stdout + ver.stderr
+    tl = run_cli("tail", "-n", "3", "--state-url", url, env=env)
+    assert tl.returncode == 0 and len(tl.stdout.splitlines()) == 3, tl.stdout + tl.stderr
+    local = export(env, tmp_path / "local.jsonl", "--state-dir", str(tmp_path / "state"))
+    assert export(env, tmp_path / "url.jsonl", "--state-url", url) == local
+    assert len(local.splitlines()) == 30
+    empty = run_cli("status", "--state-url", (tmp_path / "nothing").as_uri(), env=env)
+    assert empty.returncode == 1 and "holds no asyncraft state" in empty.stderr
+
+
+def test_bad_state_url_is_a_configuration_error(sim: SimProcess, tmp_path: Path) -> None:
+    inp = tmp_path / "requests.jsonl"
+    write_prompts(inp, 3)
+    env = remote_env(sim, "async")
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "s"), "--state-url", "ftp://x/y", env=env)
+    assert res.returncode == 2 and "scheme must be one of" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unreachable_store_at_start_exits_75(sim: SimProcess, tmp_path: Path) -> None:
+    inp = tmp_path / "requests.jsonl"
+    write_prompts(inp, 3)
+    env = remote_env(sim, "async", AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="k",
+                     AWS_SECRET_ACCESS_KEY="s", AWS_REGION="us-east-1")
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "s"), "--state-url", "s3://b/p", env=env)
+    assert res.returncode == 75, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "s" / "asyncraft.json").exists()
+
