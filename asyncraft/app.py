@@ -257,10 +257,13 @@ class Runner:
                           watch=s.watch, watch_interval=s.watch_interval, tally=tally)
         self.scheduler = sched
         view = RunView(s, sched, journal, tally, pool)
+        health = HealthMonitor(sched, journal, writer_timeout=s.health_writer_timeout,
+                               stall_timeout=s.health_stall_timeout)
+        if rep is not None:
+            view.replication = health.replication = rep.status
         if metrics is not None and s.metrics_port is not None:
             # Before the scheduler, so that a health check sees the whole run; stopped after the writer.
-            metrics.watch(view, HealthMonitor(sched, journal, writer_timeout=s.health_writer_timeout,
-                                              stall_timeout=s.health_stall_timeout))
+            metrics.watch(view, health)
             view.metrics_url = await metrics.start(s.metrics_host, s.metrics_port)
             log.info("metrics on %s/metrics, health on %s/healthz", view.metrics_url, view.metrics_url)
         loop = asyncio.get_running_loop()
@@ -357,7 +360,8 @@ class Runner:
         try:
             self.attached = await attach_dir(url, self.sd.root, durability="sync" if s.remote_durability == "sync"
                                              else "async", interval=s.remote_interval, ttl=s.remote_lease,
-                                             failpoints=self.fs.fp)
+                                             failpoints=self.fs.fp, backoff_base=s.backoff_base,
+                                             backoff_max=s.backoff_max)
         except RemoteUnavailable as exc:
             log.error("%s; run the same command again when the store answers", exc)
             return False

@@ -110,8 +110,9 @@ def test_machine_loss_restores_and_continues(sim: SimProcess, reference: tuple[P
     sim.settled_stats()
     sim.reset()
     # The first machine: killed with -9 part-way.
-    t0 = time.monotonic()
     proc = start_run(inp, tmp_path / "machine-a", store_url, env)
+    wait_until(lambda: sim.stats()["paid"] > 0 or proc.poll() is not None, what="the first call")
+    t0 = time.monotonic()  # the rate of results is measured from here, without the start-up
     wait_until(lambda: sim.stats()["paid"] >= RECORDS // 2 or proc.poll() is not None, what="half the calls")
     proc.kill()
     _, err = proc.communicate()

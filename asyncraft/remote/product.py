@@ -45,9 +45,10 @@ def holder(state_dir: Path) -> str:
 
 
 async def attach_dir(url: str, state_dir: Path, *, durability: Durability, interval: float, ttl: float,
-                     failpoints: FailpointHook | None) -> Attached:
+                     failpoints: FailpointHook | None, backoff_base: float, backoff_max: float) -> Attached:
     return await attach(Remote.open(url), state_dir, manifest_files=manifest_files, durability=durability,
-                        interval=interval, ttl=ttl, holder=holder(state_dir), failpoints=failpoints)
+                        interval=interval, ttl=ttl, holder=holder(state_dir), failpoints=failpoints,
+                        backoff_base=backoff_base, backoff_max=backoff_max)
 
 
 def announce(replicator: Replicator, sd: StateDir, segments: list[tuple[int, int, Path]]) -> None:
