@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,11 +18,14 @@ from typing import Any
 
 import pytest
 
-from asyncraft.remote import Remote
-from asyncraft.remote.layout import LEASE, Head
-from tests.conftest import cli_env, run_cli, write_prompts
-from tests.helpers import ROOT, SimProcess, start_simulator, task_states, wait_until
-from tests.test_crash import hash_of_task
+pytest.register_assert_rewrite("tests.remote_helpers")  # before the import below, as in test_remote_crash
+
+from asyncraft.remote import Remote  # noqa: E402
+from asyncraft.remote.layout import LEASE, Head  # noqa: E402
+from tests.conftest import cli_env, run_cli, write_prompts  # noqa: E402
+from tests.helpers import ROOT, SimProcess, start_simulator, task_states, wait_until  # noqa: E402
+from tests.remote_helpers import S3Server  # noqa: E402
+from tests.test_crash import hash_of_task  # noqa: E402
 
 pytest_plugins = ("tests.remote_helpers",)
 
@@ -182,3 +186,95 @@ def test_unreachable_store_at_start_exits_75(sim: SimProcess, tmp_path: Path) ->
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "s" / "asyncraft.json").exists()
 
+
+
+class Run:
+    """A running ``asyncraft run --state-url`` whose stderr is collected by a thread, so a test can wait for a line."""
+
+    def __init__(self, inp: Path, state: Path, url: str, env: dict[str, str]) -> None:
+        self.proc = start_run(inp, state, url, env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def wait_for(self, text: str, n: int = 1, timeout: float = 30.0) -> None:
+        wait_until(lambda: self.count(text) >= n or self.proc.poll() is not None, timeout=timeout, what=text)
+        assert self.count(text) >= n, self.output()
+
+    def finish(self, timeout: float = 120.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return rc
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("durability", ["async", "sync"])
+def test_store_unreachable_mid_run(sim_factory: Any, reference: tuple[Path, bytes], s3_env: S3Server,
+                                   durability: str, tmp_path: Path) -> None:
+    inp, expected = reference
+    slow = sim_factory("--latency-ms", "100", "--seed", "5")  # long enough for an outage in the middle
+    url = f"s3://{s3_env.bucket()}/job"
+    env = remote_env(slow, durability)
+    run = Run(inp, tmp_path / "state", url, env)
+    try:
+        wait_until(lambda: slow.stats()["paid"] >= 60 or run.proc.poll() is not None, what="60 calls")
+        s3_env.stop()
+        at_stop = slow.stats()["paid"]
+        run.wait_for("store unreachable since")
+        if durability == "async":
+            wait_until(lambda: slow.stats()["paid"] >= at_stop + 60, what="the run to go on without the store")
+        else:
+            # Nothing is acknowledged while the store is away: each worker makes at most the call it had started
+            # and one more before it waits for its record. Two progress lines later the calls have stopped.
+            seen = run.count("store unreachable since")
+            run.wait_for("store unreachable since", n=seen + 2)
+            assert slow.stats()["paid"] - at_stop <= IN_FLIGHT
+        assert run.proc.poll() is None, run.output()
+    finally:
+        s3_env.start()
+    assert run.finish() == 0, run.output()
+    res = run_cli("verify", "--state-url", url, env=env)
+    assert res.returncode == 0 and "verify: ok" in res.stdout, res.stdout + res.stderr
+    assert export(env, tmp_path / "url.jsonl", "--state-url", url) == expected
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_url(sim_factory: Any, reference: tuple[Path, bytes], store_url: str, tmp_path: Path) -> None:
+    inp, expected = reference
+    slow = sim_factory("--latency-ms", "100", "--seed", "5")
+    env = remote_env(slow, "async")
+    first = Run(inp, tmp_path / "machine-a", store_url, env)
+    try:
+        wait_until(lambda: slow.stats()["paid"] >= 30 or first.proc.poll() is not None, what="30 calls")
+        refused = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "machine-b"), "--state-url",
+                          store_url, env=env)
+        assert refused.returncode == 1 and "is in use by" in refused.stderr, refused.stderr
+        assert not (tmp_path / "machine-b" / "asyncraft.json").exists()
+        # The first owner freezes (a long GC pause, a suspended VM); its lease runs out and the second takes over.
+        first.proc.send_signal(signal.SIGSTOP)
+        wait_lease_expired(store_url)
+        second = Run(inp, tmp_path / "machine-b", store_url, env)
+        second.wait_for("as generation 2")
+        wait_until(lambda: slow.stats()["paid"] >= 60 or second.proc.poll() is not None, what="the second run's calls")
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    # The old owner wakes up: its next renewal or upload finds the lease taken, and it stops without harm.
+    assert first.finish() == 1, first.output()
+    assert "replication to the state URL failed" in first.output() and "Traceback" not in first.output()
+    assert second.finish() == 0, second.output()
+    res = run_cli("verify", "--state-url", store_url, env=env)
+    assert res.returncode == 0 and "verify: ok" in res.stdout, res.stdout + res.stderr
+    assert export(env, tmp_path / "url.jsonl", "--state-url", store_url) == expected
