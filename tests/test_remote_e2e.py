@@ -278,3 +278,65 @@ def test_two_runs_on_one_url(sim_factory: Any, reference: tuple[Path, bytes], st
     res = run_cli("verify", "--state-url", store_url, env=env)
     assert res.returncode == 0 and "verify: ok" in res.stdout, res.stdout + res.stderr
     assert export(env, tmp_path / "url.jsonl", "--state-url", store_url) == expected
+
+
+# kill -9 at each failpoint of the object-store layer, part-way through a run of RECORDS records (a snapshot every
+# 120 records, a chunk every INTERVAL); then the bucket as the kill left it must restore, and a run on an empty dir
+# must finish the job with nothing lost.
+KILL_POINTS = [
+    ("remote.after_lease", 1),
+    ("remote.after_start", 1),
+    ("remote.before_file", 4),
+    ("remote.after_file", 4),
+    ("remote.before_chunk", 5),
+    ("remote.after_chunk", 5),
+    ("remote.before_head", 2),
+    ("remote.after_head", 2),
+    ("remote.mid_retention", 2),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("point", "hit"), KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
+def test_kill_at_failpoint_then_restore(sim: SimProcess, reference: tuple[Path, bytes], point: str, hit: int,
+                                        tmp_path: Path) -> None:
+    inp, expected = reference
+    url = (tmp_path / "bucket").as_uri()
+    state = tmp_path / "state"
+    env = remote_env(sim, "async")
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(state), "--state-url", url,
+                  env={**env, "ASYNCRAFT_FAILPOINTS": f"{point}@{hit}"})
+    assert res.returncode == -signal.SIGKILL, f"{point}@{hit} did not fire: {res.stderr}"
+    # The bucket as the kill left it: a restore reads it (or finds nothing yet, if the kill came first).
+    ver = run_cli("verify", "--state-url", url, env=env)
+    nothing_yet = point in ("remote.after_lease", "remote.after_start")
+    if nothing_yet and ver.returncode == 1:
+        assert "holds no asyncraft state" in ver.stderr, ver.stderr
+    else:
+        assert ver.returncode == 0 and "verify: ok" in ver.stdout, ver.stdout + ver.stderr
+    # The machine is lost; the same path on a new disk holds no state (and this holder may take the lease at once).
+    shutil.rmtree(state)
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(state), "--state-url", url, env=env)
+    assert res.returncode == 0, res.stderr
+    assert export(env, tmp_path / "url.jsonl", "--state-url", url) == expected
+
+
+@pytest.mark.slow
+def test_kill_mid_restore_then_restore_again(sim: SimProcess, reference: tuple[Path, bytes], tmp_path: Path) -> None:
+    inp, expected = reference
+    url = (tmp_path / "bucket").as_uri()
+    env = remote_env(sim, "async")
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "a"), "--state-url", url,
+                  env={**env, "ASYNCRAFT_FAILPOINTS": "remote.after_chunk@4"})
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    state = tmp_path / "b"
+    wait_lease_expired(url)
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(state), "--state-url", url,
+                  env={**env, "ASYNCRAFT_FAILPOINTS": "remote.mid_restore@1"})
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert not (state / "asyncraft.json").exists()
+    # The half-restored dir is set aside (never deleted) and the restore starts over.
+    res = run_cli("run", "--input", str(inp), "--state-dir", str(state), "--state-url", url, env=env)
+    assert res.returncode == 0, res.stderr
+    assert list((state / "damaged").glob("remote-superseded-*"))
+    assert export(env, tmp_path / "url.jsonl", "--state-url", url) == expected
