@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiofiles
 import orjson
 
-from asyncraft import __version__, storage
+from asyncraft import __version__, preflight, storage
 from asyncraft.config import Settings, fingerprint_settings
 from asyncraft.cost import Budget
 from asyncraft.endpoints import EndpointPool
@@ -39,7 +39,7 @@ from asyncraft.failpoints import Failpoints
 from asyncraft.failures import FailureTally
 from asyncraft.jobs.base import Job, Task
 from asyncraft.journal import Journal
-from asyncraft.limits import Limits
+from asyncraft.limits import RateController
 from asyncraft.metrics import HealthMonitor, Metrics
 from asyncraft.progress import Reporter, RunView, StageTally
 from asyncraft.provider import Completion
@@ -138,6 +138,11 @@ class Runner:
         s = self.settings
         job = make_job(s)
         ensure_open_files(s.concurrency)
+        try:
+            await preflight.check(s)
+        except preflight.Unanswered as exc:
+            log.error("stopped before the first call: %s. Run the same command again once it answers.", exc)
+            return EXIT_TEMPFAIL
         await self._disk_retry(self.sd.create_dirs, self.fs)
         lock_fd = self.sd.lock()
         try:
@@ -222,7 +227,7 @@ class Runner:
 
     async def _run(self, job: Job, recovered: Recovery) -> int:
         s = self.settings
-        limits = Limits(s.rpm, s.tpm)
+        limits = RateController(s.rpm, s.tpm, concurrency=s.concurrency)
         tally = StageTally()
         rep = self.attached.replicator if self.attached is not None else None
         journal = Journal(self.sd, recovered, fs=self.fs, fsync=s.fsync, fsync_interval=s.fsync_interval,
@@ -237,20 +242,19 @@ class Runner:
             announce(rep, self.sd, recovered.segments)
             replicating = asyncio.create_task(self._replicate(rep), name="replicator")
         metrics = Metrics() if s.metrics_port is not None else None
-        # The scheduler's watchdog enforces the request timeout (it already watches every call), so
-        # aiohttp arms no timer per request.
         pool = EndpointPool(s.base_url, api_key=s.api_key, api_type=s.resolved_api_type(),
                             api_version=s.api_version, concurrency=s.concurrency,
-                            request_timeout=None, connect_timeout=s.connect_timeout,
-                            on_rate_info=limits.observe, backoff_base=s.backoff_base, backoff_max=s.backoff_max,
+                            request_timeout=s.request_timeout, connect_timeout=s.connect_timeout,
+                            stall_timeout=s.stall_timeout, stream=s.stream != "off",
+                            on_rate_info=limits.observe, on_status=limits.answered,
+                            backoff_base=s.backoff_base, backoff_max=s.backoff_max,
                             on_call=metrics.observe_call if metrics is not None else None)
 
-        def call(task: Task, beat: Callable[[], None]) -> Awaitable[Completion]:
-            return pool.embed(task.body, beat) if task.endpoint == "embed" else pool.chat(task.body, beat)
+        def call(task: Task) -> Awaitable[Completion]:
+            return pool.embed(task.body) if task.endpoint == "embed" else pool.chat(task.body)
 
         sched = Scheduler(job, journal, call, limits, recovered, concurrency=s.concurrency,
-                          stall_timeout=s.stall_timeout, request_timeout=s.request_timeout,
-                          max_retries=s.max_retries, backoff_base=s.backoff_base,
+                          rate_limit_wait=s.rate_limit_wait, max_retries=s.max_retries, backoff_base=s.backoff_base,
                           backoff_max=s.backoff_max, output_estimate=s.output_tokens_estimate,
                           retry_failed=s.retry_failed, api_key=s.api_key, on_problem=self._append_error,
                           budget=Budget(s.price_input_per_m, s.price_output_per_m, s.max_cost, s.max_tokens_total),
@@ -337,9 +341,15 @@ class Runner:
         if sched.stopping is not None:
             log.warning("stopped (%s): %s. Run the same command again to continue.", sched.stopping, summary)
             return EXIT_TEMPFAIL
+        if not sched.done and (sched.failed or st.input_problems):
+            log.error("no task succeeded: %d failed, %d bad input line(s) (see %s). %s. Fix the cause and run "
+                      "again (--retry-failed asks the failed tasks again).", len(sched.failed), st.input_problems,
+                      self.sd.errors_path, summary)
+            return EXIT_TEMPFAIL
         if st.gave_up:
-            log.warning("%d task(s) still failing after %d retries (server errors or timeouts); they are not "
-                        "marked failed. %s. Run again to retry them.", st.gave_up, self.settings.max_retries, summary)
+            log.warning("%d task(s) still failing after %d retries or %gs of 429s (last error: %s); they are not "
+                        "marked failed. %s. Run again to retry them.", st.gave_up, self.settings.max_retries,
+                        self.settings.rate_limit_wait, st.last_error, summary)
             return EXIT_TEMPFAIL
         log.info("finished: %s", summary)
         log.info("export with: python -m asyncraft export --state-dir %s --format %s --out results.jsonl",

@@ -27,7 +27,8 @@ from asyncraft.text import safe, safe_json
 
 EPILOG = """\
 Every option also reads ASYNCRAFT_<NAME> from the environment (flag > environment > default);
-the API key comes from ASYNCRAFT_API_KEY or OPENAI_API_KEY (or a file named by ASYNCRAFT_API_KEY_FILE).
+the API key comes from ASYNCRAFT_API_KEY or OPENAI_API_KEY (or a file named by ASYNCRAFT_API_KEY_FILE)
+and is sent to every base URL: ASYNCRAFT_BASE_URL, else OPENAI_BASE_URL, else https://api.openai.com/v1.
 
 examples:
   python -m asyncraft demo

@@ -1,10 +1,10 @@
 """Health and Prometheus metrics of a running job, served by aiohttp on ``ASYNCRAFT_METRICS_PORT``.
 
-``/healthz`` answers 200 while the run makes progress or waits for a good reason (a rate-limit cool-down,
-calls in flight whose heartbeats are fresh, a retry back-off, an idle ``--watch``), and 503 with the reason when
+``/healthz`` answers 200 while the run makes progress or waits for a good reason (a rate-limit cool-down or
+pace, calls in flight, tasks waiting for their retry delay, an idle ``--watch``), and 503 with the reason when
 it is stuck: the journal writer holds records but commits nothing, or tasks wait and nothing at all happens.
-A slow API is not stuck: the watchdog ends calls that stall, so a call in flight counts as progress until the
-watchdog would have ended it. An orchestrator that restarts a stuck container therefore never restarts one
+A slow API is not stuck: the request and stall timeouts end calls that stop making progress, so a call in
+flight counts as progress. An orchestrator that restarts a stuck container therefore never restarts one
 that is merely slow or rate-limited.
 
 ``/metrics`` is computed at scrape time from the live scheduler, journal and endpoint pool (a collector on its
@@ -67,16 +67,13 @@ class HealthMonitor:
                 sched.queued(), st.input_problems, sched.input_total, sched.scans)
 
     def _fresh_calls(self) -> int:
-        """Calls in flight that the watchdog has not given up on: waiting for them is legitimate."""
-        sched = self.sched
-        if not sched.inflight:
-            return 0
-        loop_now = asyncio.get_running_loop().time()
-        return sum(1 for call in sched.inflight.values() if loop_now - call.last_beat < sched.stall_timeout + 5.0)
+        """Calls in flight: waiting for them is legitimate, since the request and stall timeouts end any
+        call that is not making progress."""
+        return len(self.sched.inflight)
 
     def _waiting_legitimately(self) -> bool:
         limits = self.sched.limits
-        return limits.cooling_down() or limits.waiting > 0 or self._fresh_calls() > 0
+        return limits.cooling_down() or limits.waiting > 0 or self.sched.retrying() > 0 or self._fresh_calls() > 0
 
     def sample(self) -> None:
         now = self._clock()
@@ -122,8 +119,8 @@ class HealthMonitor:
             if sched.watch and sched.input_read:
                 return True, "idle: everything known is finished; watching the input for new work"
             return True, "starting: reading the input" if not sched.input_read else "finishing"
-        if sched.limits.cooling_down() or sched.limits.waiting:
-            return True, f"waiting: cooling down after a 429 ({sched.active} task(s) waiting)"
+        if sched.limits.cooling_down() or sched.limits.waiting or sched.retrying():
+            return True, f"waiting: {sched.waiting_for() or 'retries after errors'} ({sched.active} task(s) waiting)"
         if self._fresh_calls():
             return True, f"running: {in_flight} call(s) in flight, {sched.queued()} queued"
         idle = now - max(self._last_change, journal.last_progress)
@@ -206,7 +203,12 @@ class _Collector:
                                   value=st.gave_up)
         yield CounterMetricFamily("asyncraft_cooldowns", "shared pauses after a 429 or an exhausted server limit",
                                   value=sched.limits.cooldowns)
-        yield gauge("asyncraft_cooling_down", "1 while every call waits out a 429", 1 if snap["cooling_down"] else 0)
+        yield gauge("asyncraft_cooling_down", "1 while every call waits for a used-up limit to reset",
+                    1 if snap["cooling_down"] else 0)
+        yield gauge("asyncraft_pace_requests_per_minute", "the request rate calls are paced to: --rpm, the server's "
+                    "x-ratelimit headers or learned from 429s, whichever is lowest (0 = none)", sched.limits.rpm)
+        yield gauge("asyncraft_retrying", "tasks waiting for their retry delay (a Retry-After, a back-off)",
+                    sched.retrying())
 
         pool = view.pool
         rate_limited = 0

@@ -160,6 +160,8 @@ class RunView:
             "cost_projected": round(projected, 6) if projected is not None else None,
             "calls": dict(st.calls), "retries": st.retries, "gave_up": st.gave_up,
             "cooling_down": False if final else sched.limits.cooling_down(),
+            "waiting_for": None if final else sched.waiting_for(),
+            "last_error": st.last_error or None,
             "stopping": sched.stopping, "journal_seq": journal.next_seq - 1, "stages": stages,
         }
         if self.pool is not None and len(self.pool.endpoints) > 1:
@@ -209,8 +211,14 @@ def fmt_money(value: float | None) -> str:
 
 def _state_note(snap: dict[str, Any]) -> str:
     notes = []
-    if snap.get("cooling_down"):
-        notes.append("cooling down after 429")
+    errors = {k: v for k, v in (snap.get("calls") or {}).items() if k != "ok"}
+    if errors:
+        last = snap.get("last_error") or ""
+        last = last if len(last) <= 160 else last[:157] + "..."
+        notes.append("errors " + " ".join(f"{k}x{v}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
+                     + (f" (last: {last})" if last else ""))
+    if snap.get("waiting_for"):
+        notes.append(f"waiting: {snap['waiting_for']}")
     if snap.get("stopping"):
         notes.append(f"stopping: {snap['stopping']}")
     return ", ".join(notes)

@@ -9,8 +9,9 @@ sentence of the context and ends with ``<ANSWER>: ...``. A request with a ``resp
 RAFT job's ``{"questions"}`` and ``{"reasoning", "quotes", "answer"}`` with the same content, any
 other schema with placeholder values.
 
-Markers in a prompt let tests ask for misbehaviour: ``[[sim:bad-request]]`` is refused with 400,
-``[[sim:no-answer-tag]]`` makes an answer without ``<ANSWER>:`` (an empty ``answer`` field in JSON).
+Markers in a prompt let tests ask for misbehaviour: ``[[sim:bad-request]]`` is refused with 400
+(``[[sim:bad-request:REASON]]`` names its own reason, so that refusals differ), ``[[sim:no-answer-tag]]``
+makes an answer without ``<ANSWER>:`` (an empty ``answer`` field in JSON).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import orjson
 
 BAD_REQUEST_MARKER = "[[sim:bad-request]]"
+BAD_REQUEST = re.compile(r"\[\[sim:bad-request(?::([^\]]*))?\]\]")
 NO_ANSWER_TAG_MARKER = "[[sim:no-answer-tag]]"
 
 _WORDS = ("asynchronous", "journal", "snapshot", "latency", "gradient", "context", "retrieval", "oracle",
