@@ -175,14 +175,14 @@ def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int
         raise ConfigError("tail --follow reads the running job's local --state-dir; with --state-url it prints "
                           "what the store holds now (drop -f)")
     try:
-        with restored_copy(settings.state_url) as sd:
-            return _read(cmd, ns, settings, sd)
+        with restored_copy(settings.state_url) as (sd, owner):
+            return _read(cmd, ns, settings, sd, owner)
     except RemoteUnavailable as exc:
         print(f"asyncraft: {exc}; try again when the store answers", file=sys.stderr)
         return 75
 
 
-def _read(cmd: str, ns: argparse.Namespace, settings: config.Settings, sd: StateDir) -> int:
+def _read(cmd: str, ns: argparse.Namespace, settings: config.Settings, sd: StateDir, owner: str | None = None) -> int:
     from asyncraft import views
     from asyncraft.cost import Budget
 
@@ -190,6 +190,7 @@ def _read(cmd: str, ns: argparse.Namespace, settings: config.Settings, sd: State
         st = views.status(sd, Budget(settings.price_input_per_m, settings.price_output_per_m))
         if settings.state_url is not None:
             st["state_dir"] = settings.state_url  # not the temp copy it was read from
+            st["owner"] = owner
         print(orjson.dumps(st).decode() if ns.json else views.format_status(st))
         return 1 if st.get("damaged") else 0
     if cmd == "tail":

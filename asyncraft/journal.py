@@ -38,7 +38,7 @@ MAX_BATCH = 4096
 
 # Resolved once a submitted record is on disk; fails with the writer's error when it never will be.
 Durable = asyncio.Future[None]
-HANDOFF_TIMEOUT = 10.0  # the compactor waits this long for the loop to take note of a new snapshot
+HANDOFF_POLL = 1.0  # how often the compactor, waiting for the loop to take note of a snapshot, checks the loop runs
 
 
 class Replica(Protocol):
@@ -350,9 +350,16 @@ class Journal:
             replica.on_manifest(manifest)
 
         try:
-            asyncio.run_coroutine_threadsafe(note(), loop).result(HANDOFF_TIMEOUT)
-        except (FutureTimeout, RuntimeError):
-            log.warning("the replicator did not take note of %s in time; it ships it later", manifest.name)
+            done = asyncio.run_coroutine_threadsafe(note(), loop)
+        except RuntimeError:
+            return  # the loop is closed: the run is over, and the next one announces this manifest
+        while True:
+            try:
+                done.result(HANDOFF_POLL)
+                return
+            except FutureTimeout:
+                if not loop.is_running():
+                    return  # the loop stopped (the writer failed): nobody is left to replicate
 
     def _reap_compaction(self) -> None:
         fut = self._compaction

@@ -156,6 +156,7 @@ def test_read_only_commands_on_a_url(sim: SimProcess, tmp_path: Path) -> None:
     st = run_cli("status", "--state-url", url, env=env)
     assert st.returncode == 0, st.stderr
     assert "30 done" in st.stdout and url in st.stdout
+    assert "owner       nobody (released by" in st.stdout  # the run ended cleanly and let go of the lease
     ver = run_cli("verify", "--state-url", url, env=env)
     assert ver.returncode == 0 and "verify: ok" in ver.stdout, ver.stdout + ver.stderr
     tl = run_cli("tail", "-n", "3", "--state-url", url, env=env)

@@ -12,12 +12,14 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from asyncraft import records
 from asyncraft.remote.client import Remote
 from asyncraft.remote.errors import RemoteStateError
+from asyncraft.remote.layout import LEASE, Head
 from asyncraft.remote.replicate import Durability, FailpointHook, Replicator
 from asyncraft.remote.restore import Attached, attach, restore
 from asyncraft.storage.layout import StateDir
@@ -63,12 +65,26 @@ def announce(replicator: Replicator, sd: StateDir, segments: list[tuple[int, int
 
 
 @contextlib.contextmanager
-def restored_copy(url: str) -> Iterator[StateDir]:
-    """A read-only copy of the state at ``url`` in a temp dir, removed afterwards."""
+def restored_copy(url: str) -> Iterator[tuple[StateDir, str]]:
+    """A read-only copy of the state at ``url`` in a temp dir (removed afterwards), and who owns the URL."""
+    remote = Remote.open(url)
     with tempfile.TemporaryDirectory(prefix="asyncraft-restore-") as tmp:
         root = Path(tmp) / "state"
-        asyncio.run(restore(Remote.open(url), root))
-        yield StateDir(root)
+        asyncio.run(restore(remote, root))
+        blob = asyncio.run(remote.get(LEASE))
+        yield StateDir(root), owner(None if blob is None else Head.decode(blob.data, remote.where(LEASE)), time.time())
+
+
+def owner(head: Head | None, now: float) -> str:
+    """Who holds the state URL, for ``status``."""
+    if head is None:
+        return "nobody yet"
+    if head.renewed_at == 0:
+        return f"nobody (released by {head.holder}, generation {head.generation})"
+    age = max(0.0, now - head.renewed_at)
+    if head.expired(now):
+        return f"nobody (the lease of {head.holder}, generation {head.generation}, expired {age - head.ttl:.0f} s ago)"
+    return f"{head.holder}, generation {head.generation} (lease renewed {age:.0f} s ago: a run is going on)"
 
 
 __all__ = ["announce", "attach_dir", "holder", "manifest_files", "restored_copy"]
