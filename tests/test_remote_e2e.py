@@ -146,6 +146,7 @@ def test_machine_loss_restores_and_continues(sim: SimProcess, reference: tuple[P
     assert export(env, tmp_path / "local.jsonl", "--state-dir", str(tmp_path / "machine-b")) == expected
 
 
+@pytest.mark.slow
 def test_read_only_commands_on_a_url(sim: SimProcess, tmp_path: Path) -> None:
     inp = tmp_path / "requests.jsonl"
     write_prompts(inp, 30)
