@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from tests.conftest import cli_env, run_cli, write_prompts  # noqa: E402
 from tests.helpers import ROOT, SimProcess, start_simulator, task_states, wait_until  # noqa: E402
 from tests.remote_helpers import S3Server  # noqa: E402
 from tests.test_crash import hash_of_task  # noqa: E402
+from tests.test_metrics import scrape, value  # noqa: E402
 
 pytest_plugins = ("tests.remote_helpers",)
 
@@ -229,13 +231,20 @@ def test_store_unreachable_mid_run(sim_factory: Any, reference: tuple[Path, byte
     inp, expected = reference
     slow = sim_factory("--latency-ms", "100", "--seed", "5")  # long enough for an outage in the middle
     url = f"s3://{s3_env.bucket()}/job"
-    env = remote_env(slow, durability)
+    env = remote_env(slow, durability, ASYNCRAFT_METRICS_PORT="0")
     run = Run(inp, tmp_path / "state", url, env)
     try:
         wait_until(lambda: slow.stats()["paid"] >= 60 or run.proc.poll() is not None, what="60 calls")
         s3_env.stop()
         at_stop = slow.stats()["paid"]
         run.wait_for("store unreachable since")
+        metrics = re.search(r"metrics on (http://\S+)/metrics", run.output())
+        assert metrics is not None, run.output()
+        samples = scrape(metrics.group(1))
+        assert value(samples, "asyncraft_replication_healthy") == 0
+        assert value(samples, "asyncraft_replication_unreachable_since_seconds") > time.time() - 60
+        assert value(samples, "asyncraft_replication_lag_records") > 0
+        assert value(samples, "asyncraft_healthy") == 1  # an outage alone is no stall
         if durability == "async":
             wait_until(lambda: slow.stats()["paid"] >= at_stop + 60, what="the run to go on without the store")
         else:
