@@ -270,7 +270,10 @@ class Journal:
         assert self._replica is not None
         try:
             await self._replica.durable(last)
-        except BaseException as exc:  # noqa: BLE001 - every waiter learns why its record will not be acknowledged
+        except asyncio.CancelledError:
+            _report(batch, JournalError("replication stopped before these records reached the object store"))
+            raise
+        except Exception as exc:  # every waiter learns why its record will not be acknowledged
             _report(batch, exc if isinstance(exc, JournalError) else JournalError(f"replication failed: {exc!r}"))
             return
         self._fs.note("ack", last)

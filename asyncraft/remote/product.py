@@ -68,11 +68,16 @@ def announce(replicator: Replicator, sd: StateDir, segments: list[tuple[int, int
 def restored_copy(url: str) -> Iterator[tuple[StateDir, str]]:
     """A read-only copy of the state at ``url`` in a temp dir (removed afterwards), and who owns the URL."""
     remote = Remote.open(url)
+
+    async def fetch(root: Path) -> Head | None:
+        await restore(remote, root)
+        blob = await remote.get(LEASE)
+        return None if blob is None else Head.decode(blob.data, remote.where(LEASE))
+
     with tempfile.TemporaryDirectory(prefix="asyncraft-restore-") as tmp:
         root = Path(tmp) / "state"
-        asyncio.run(restore(remote, root))
-        blob = asyncio.run(remote.get(LEASE))
-        yield StateDir(root), owner(None if blob is None else Head.decode(blob.data, remote.where(LEASE)), time.time())
+        head = asyncio.run(fetch(root))
+        yield StateDir(root), owner(head, time.time())
 
 
 def owner(head: Head | None, now: float) -> str:
