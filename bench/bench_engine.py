@@ -66,12 +66,49 @@ class Sim:
         self.proc.wait()
 
 
+def input_line(i: int, tag: str = "") -> bytes:
+    return orjson.dumps({"custom_id": f"r{i}", "body": {
+        "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
+        "max_tokens": 16}}) + b"\n"
+
+
+def asyncraft_run(base_url: str, inp: Path, state: Path, concurrency: int, **flags: str) -> float:
+    shutil.rmtree(state, ignore_errors=True)
+    n = sum(1 for _ in open(inp, "rb"))
+    settings = config.load("run", {"input": str(inp), "state_dir": str(state), "base_url": base_url,
+                                   "model": "sim-1", "concurrency": str(concurrency), "job": "prompts",
+                                   "progress_interval": "1000", **flags}, env={"ASYNCRAFT_API_KEY": "bench"})
+    t0 = time.perf_counter()
+    code = asyncio.run(app.main(settings))
+    elapsed = time.perf_counter() - t0
+    assert code == 0, code
+    return n / elapsed
+
+
+# bench_storage runs children under this wrapper to read their peak RSS (VmHWM) at exit.
+PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def _report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
+                fh.write(line.split()[1])
+atexit.register(_report)
+module = sys.argv[1]
+sys.argv = sys.argv[1:]
+if module == "-":
+    import asyncraft.app
+elif module.endswith(".py"):
+    runpy.run_path(module, run_name="__main__")
+else:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
 def write_input(path: Path, n: int, tag: str = "") -> None:
     with open(path, "wb") as fh:
         for i in range(n):
-            fh.write(orjson.dumps({"custom_id": f"r{i}", "body": {
-                "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
-                "max_tokens": 16}}) + b"\n")
+            fh.write(input_line(i, tag))
 
 
 def bodies_of(path: Path) -> list[dict[str, Any]]:
