@@ -4,6 +4,7 @@
     python bench/bench_remote.py lag       # replication lag under a steady stream of commits, async mode
     python bench/bench_remote.py sync      # `asyncraft run` throughput, sync durability vs local-only, 200 ms calls
     python bench/bench_remote.py first     # `asyncraft run` on an empty dir: restore 1,000,000 records, first request
+    python bench/bench_remote.py lag-run   # replication lag of a real `asyncraft run` at 0 ms latency, async mode
     python bench/bench_remote.py all
 
 Each figure is printed with a baseline measured in the same run: for restore, fetching the same objects
@@ -341,9 +342,60 @@ def bench_first(args: argparse.Namespace) -> None:
         moto.close()
 
 
+def bench_lag_run(args: argparse.Namespace) -> None:
+    """The age of the oldest commit not yet in the store, as the run itself reports it in status.json, sampled
+    every 20 ms while `asyncraft run` goes flat out against a 0 ms simulator."""
+    import json
+
+    moto = Moto()
+    work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
+    sim = subprocess.Popen([sys.executable, "-m", "asyncraft", "simulate", "--port", "0", "--latency-ms", "0"],
+                           cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert sim.stdout is not None
+        base_url = sim.stdout.readline().rsplit(" ", 1)[-1].strip()
+        _prompts(work / "in.jsonl", args.prompts)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCRAFT_")}
+        env.update(ASYNCRAFT_BASE_URL=base_url, ASYNCRAFT_MODEL="sim-1", ASYNCRAFT_API_KEY="bench",
+                   ASYNCRAFT_PROGRESS="off", ASYNCRAFT_PROGRESS_INTERVAL="0.1",
+                   ASYNCRAFT_CONCURRENCY=str(args.concurrency), ASYNCRAFT_REMOTE_INTERVAL=str(args.interval))
+        status = work / "state" / "status.json"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", "--input", str(work / "in.jsonl"),
+                                 "--state-dir", str(work / "state"), "--state-url", "s3://bench/lag-run"],
+                                cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        ages: list[float] = []
+        while proc.poll() is None:
+            try:
+                snap = json.loads(status.read_bytes())
+            except (FileNotFoundError, ValueError):
+                snap = {}
+            rep = snap.get("replication")
+            if snap.get("running") and rep is not None and snap.get("done_this_run", 0) > 0:
+                ages.append(rep["lag_s"])
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+        if proc.returncode != 0 or not ages:
+            raise SystemExit(f"asyncraft run exited {proc.returncode} with {len(ages)} samples")
+        ages.sort()
+        p99 = ages[max(0, int(len(ages) * 0.99) - 1)]
+        print(f"`asyncraft run` of {args.prompts:,} prompts at 0 ms, concurrency {args.concurrency}, "
+              f"{args.prompts / elapsed:,.0f} records/s over {elapsed:.1f} s (whole process); baseline: the interval, "
+              f"{args.interval:.2f} s")
+        print(f"oldest unshipped commit's age, {len(ages)} samples of status.json: "
+              f"p50 {statistics.median(ages):.3f} s, "
+              f"p99 {p99:.3f} s, max {ages[-1]:.3f} s; p99 = {p99 / args.interval:.2f} intervals; target <= 2 "
+              f"intervals: {'yes' if p99 <= 2 * args.interval else 'no'}")
+    finally:
+        sim.terminate()
+        sim.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+        moto.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("restore", "lag", "sync", "first", "all"))
+    p.add_argument("what", choices=("restore", "lag", "sync", "first", "lag-run", "all"))
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--tail-records", type=int, default=20_000)
     p.add_argument("--run-bytes-per-record", type=int, default=250)
@@ -366,6 +418,8 @@ def main() -> None:
         bench_sync(args)
     if args.what in ("first", "all"):
         bench_first(args)
+    if args.what in ("lag-run", "all"):
+        bench_lag_run(args)
 
 
 if __name__ == "__main__":
