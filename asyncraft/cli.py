@@ -41,6 +41,8 @@ examples:
   python -m asyncraft status --state-dir state/ --json
   python -m asyncraft tail -f --state-dir state/
   python -m asyncraft export --state-dir state/ --format prompts --out results.jsonl
+  ASYNCRAFT_STATE_URL=s3://bucket/jobs/x python -m asyncraft run --job raft --input docs/   # state in S3
+  python -m asyncraft status --state-url s3://bucket/jobs/x
 
 exit status: 0 finished; 75 stopped before the end (signal, fatal API error, disk full, retries
 left) - run the same command again to continue; 2 bad configuration; 1 damaged state or in use by another

@@ -25,7 +25,7 @@ from asyncraft.remote import Remote  # noqa: E402
 from asyncraft.remote.layout import LEASE, Head  # noqa: E402
 from tests.conftest import cli_env, run_cli, write_prompts  # noqa: E402
 from tests.helpers import ROOT, SimProcess, start_simulator, task_states, wait_until  # noqa: E402
-from tests.remote_helpers import S3Server  # noqa: E402
+from tests.remote_helpers import SECRET, S3Server  # noqa: E402
 from tests.test_crash import hash_of_task  # noqa: E402
 from tests.test_metrics import scrape, value  # noqa: E402
 
@@ -184,11 +184,14 @@ def test_unreachable_store_at_start_exits_75(sim: SimProcess, tmp_path: Path) ->
     inp = tmp_path / "requests.jsonl"
     write_prompts(inp, 3)
     env = remote_env(sim, "async", AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="k",
-                     AWS_SECRET_ACCESS_KEY="s", AWS_REGION="us-east-1")
+                     AWS_SECRET_ACCESS_KEY=SECRET, AWS_REGION="us-east-1")
     res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "s"), "--state-url", "s3://b/p", env=env)
     assert res.returncode == 75, res.stderr
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and SECRET not in res.stderr
     assert not (tmp_path / "s" / "asyncraft.json").exists()
+    st = run_cli("status", "--state-url", "s3://b/p", env=env)
+    assert st.returncode == 75 and "try again when the store answers" in st.stderr, st.stderr
+    assert "Traceback" not in st.stderr and SECRET not in st.stderr
 
 
 
@@ -263,10 +266,12 @@ def test_store_unreachable_mid_run(sim_factory: Any, reference: tuple[Path, byte
 
 
 @pytest.mark.slow
-def test_two_runs_on_one_url(sim_factory: Any, reference: tuple[Path, bytes], store_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["async", "sync"])
+def test_two_runs_on_one_url(sim_factory: Any, reference: tuple[Path, bytes], store_url: str, durability: str,
+                             tmp_path: Path) -> None:
     inp, expected = reference
     slow = sim_factory("--latency-ms", "100", "--seed", "5")
-    env = remote_env(slow, "async")
+    env = remote_env(slow, durability)
     first = Run(inp, tmp_path / "machine-a", store_url, env)
     try:
         wait_until(lambda: slow.stats()["paid"] >= 30 or first.proc.poll() is not None, what="30 calls")
