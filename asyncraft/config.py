@@ -552,6 +552,11 @@ def _check(s: Settings, command: str, *, url_source: str = "ASYNCRAFT_BASE_URL",
                               "ASYNCRAFT_PRICE_OUTPUT_PER_M to turn tokens into money")
         if s.resolved_api_type() == "azure" and not s.api_version:
             raise ConfigError("ASYNCRAFT_API_VERSION is required for Azure OpenAI (e.g. 2024-10-21)")
+        if s.salvage and s.state_url is not None:
+            raise ConfigError("--salvage repairs a local state dir, but with --state-url the object store holds the "
+                              "state: move a damaged local dir away and run again to restore it; if the store's own "
+                              "state is damaged, run --salvage on its restored local dir without --state-url, then "
+                              "replicate that to a new URL")
 
 
 def fingerprint_settings(s: Settings) -> dict[str, Any]:

@@ -1,14 +1,20 @@
 """How the product drives the object-store layer, in-process and in milliseconds: a commit arriving while a chunk is
-uploaded, the manifest's files as the storage layer names them, and the empty segment a restore must recreate."""
+uploaded, the manifest's files as the storage layer names them, the empty segment a restore must recreate, the
+options, and what ``status`` says about the owner."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
-from asyncraft import records
+import pytest
+
+from asyncraft import config, records
+from asyncraft.errors import ConfigError
 from asyncraft.remote import Remote, attach, restore
-from asyncraft.remote.product import manifest_files
+from asyncraft.remote.layout import Head
+from asyncraft.remote.product import manifest_files, owner
 from asyncraft.storage.compact import write_manifest
 from asyncraft.storage.fs import FS
 from asyncraft.storage.layout import StateDir
@@ -63,3 +69,21 @@ async def test_restore_recreates_the_empty_segment_a_seal_names(tmp_path: Path) 
     await rep.run()
     await restore(Remote.open(url), tmp_path / "copy")
     assert (tmp_path / "copy" / "journal" / "000000000003.jsonl").read_bytes() == b""
+
+
+def test_state_url_options_are_checked() -> None:
+    s = config.load("run", {"input": "x", "state_url": "s3://b/p", "remote_durability": "sync"}, env={})
+    assert (s.state_url, s.remote_durability, s.remote_interval, s.remote_lease) == ("s3://b/p", "sync", 1.0, 30.0)
+    assert config.load("status", {"state_url": "file:///x"}, env={}).state_url == "file:///x"
+    with pytest.raises(ConfigError, match="ASYNCRAFT_REMOTE_DURABILITY"):
+        config.load("run", {"input": "x"}, env={"ASYNCRAFT_REMOTE_DURABILITY": "maybe"})
+    with pytest.raises(ConfigError, match="--salvage repairs a local state dir"):
+        config.load("run", {"input": "x", "state_url": "s3://b/p", "salvage": "1"}, env={})
+
+
+def test_owner_says_whether_a_run_holds_the_url() -> None:
+    live = Head(3, "vm:/data/state", "w", 1000.0, 30.0)
+    assert owner(live, 1010.0) == "vm:/data/state, generation 3 (lease renewed 10 s ago: a run is going on)"
+    assert owner(live, 1100.0) == "nobody (the lease of vm:/data/state, generation 3, expired 70 s ago)"
+    assert owner(dataclasses.replace(live, renewed_at=0.0), 1010.0).startswith("nobody (released by vm:/data/state")
+    assert owner(None, 0.0) == "nobody yet"
