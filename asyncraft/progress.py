@@ -299,6 +299,9 @@ def render_table(snap: dict[str, Any]) -> RenderableType:
     note = _state_note(snap)
     if note:
         parts.append(Text(note, style="yellow"))
+    rep = snap.get("replication")
+    if rep is not None:
+        parts.append(Text(rep["line"], style="dim" if rep["healthy"] else "yellow"))
     return Group(*parts)
 
 

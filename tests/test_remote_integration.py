@@ -12,7 +12,8 @@ import pytest
 
 from asyncraft import config, records
 from asyncraft.errors import ConfigError
-from asyncraft.remote import Remote, attach, restore
+from asyncraft.progress import format_line, replication_snapshot
+from asyncraft.remote import Remote, ReplicationStatus, attach, restore
 from asyncraft.remote.layout import Head
 from asyncraft.remote.product import manifest_files, owner
 from asyncraft.storage.compact import write_manifest
@@ -87,3 +88,15 @@ def test_owner_says_whether_a_run_holds_the_url() -> None:
     assert owner(live, 1100.0) == "nobody (the lease of vm:/data/state, generation 3, expired 70 s ago)"
     assert owner(dataclasses.replace(live, renewed_at=0.0), 1010.0).startswith("nobody (released by vm:/data/state")
     assert owner(None, 0.0) == "nobody yet"
+
+
+def test_progress_line_shows_an_outage() -> None:
+    down = ReplicationStatus("unreachable", "sync", 2, committed_seq=120, durable_seq=100, lag_seconds=4.0,
+                             unreachable_since=1_000_000.0, last_error="put s3://b/p/x: connection refused")
+    snap = {"total": 10, "done": 5, "failed": 0, "in_flight": 2, "rate_per_s": 1.0, "eta_s": 5.0, "prompt_tokens": 1,
+            "completion_tokens": 2, "tokens_per_s": 3.0, "cost": None, "stages": {}, "cooling_down": False,
+            "stopping": None, "replication": replication_snapshot(down)}
+    line = format_line(snap)
+    assert "replication: store unreachable since" in line and "(acknowledgements wait)" in line
+    assert "lag 20 records, 4.0 s" in line and "connection refused" in line
+    assert snap["replication"]["healthy"] is False and snap["replication"]["lag_records"] == 20
