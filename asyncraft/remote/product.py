@@ -92,4 +92,4 @@ def owner(head: Head | None, now: float) -> str:
     return f"{head.holder}, generation {head.generation} (lease renewed {age:.0f} s ago: a run is going on)"
 
 
-__all__ = ["announce", "attach_dir", "holder", "manifest_files", "restored_copy"]
+__all__ = ["announce", "attach_dir", "holder", "manifest_files", "owner", "restored_copy"]
