@@ -67,7 +67,7 @@ def make_job(settings: Settings) -> Job:
         path = Path(settings.input)
         if not path.is_file():
             raise ConfigError(f"--input {settings.input}: no such file (the prompts job reads a JSONL file)")
-        return PromptsJob(path, model=settings.model, extra_body=settings.extra_body)
+        return PromptsJob(path, model=settings.model, extra_body=settings.extra_body, samples=settings.samples)
     if settings.job == "raft":
         from asyncraft import documents
         from asyncraft.jobs.raft import RaftJob, RaftParams
@@ -182,9 +182,7 @@ class Runner:
             if resume is not None:
                 states = recovered.tasks
 
-                def settled(key: int | None, problem: bool) -> bool:
-                    if key is None:
-                        return True
+                def settled(key: int, problem: bool) -> bool:
                     if problem:
                         return key in states.input_errors
                     return key in states.done or (not s.retry_failed and key in states.failed)
@@ -250,8 +248,10 @@ class Runner:
                             backoff_base=s.backoff_base, backoff_max=s.backoff_max,
                             on_call=metrics.observe_call if metrics is not None else None)
 
+        calls = {"chat": pool.chat, "embed": pool.embed, "complete": pool.complete}
+
         def call(task: Task) -> Awaitable[Completion]:
-            return pool.embed(task.body) if task.endpoint == "embed" else pool.chat(task.body)
+            return calls[task.endpoint](task.body)
 
         sched = Scheduler(job, journal, call, limits, recovered, concurrency=s.concurrency,
                           rate_limit_wait=s.rate_limit_wait, max_retries=s.max_retries, backoff_base=s.backoff_base,
@@ -447,6 +447,9 @@ class Runner:
         started = self.scheduler.stats.started if self.scheduler is not None else None
         status = {"pid": os.getpid(), "version": __version__, "updated": time.time(), "started": started,
                   "running": not final, **snap}
+        summary = getattr(self.scheduler.job, "input_summary", None) if self.scheduler is not None else None
+        if summary is not None:
+            status.update(summary())  # repeated lines and custom_ids (the prompts job)
         self._write_people_file(self.sd.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2))
         return status
 

