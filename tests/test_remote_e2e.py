@@ -343,7 +343,7 @@ def test_kill_mid_restore_then_restore_again(sim: SimProcess, reference: tuple[P
     url = (tmp_path / "bucket").as_uri()
     env = remote_env(sim, "async")
     res = run_cli("run", "--input", str(inp), "--state-dir", str(tmp_path / "a"), "--state-url", url,
-                  env={**env, "ASYNCRAFT_FAILPOINTS": "remote.after_chunk@4"})
+                  env={**env, "ASYNCRAFT_FAILPOINTS": "remote.after_head@1"})  # a manifest in the store
     assert res.returncode == -signal.SIGKILL, res.stderr
     state = tmp_path / "b"
     wait_lease_expired(url)
