@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from asyncraft import config, records
+from asyncraft import config, records, storage
 from asyncraft.errors import ConfigError
+from asyncraft.journal import Journal
 from asyncraft.progress import format_line, replication_snapshot
 from asyncraft.remote import Remote, ReplicationStatus, attach, restore
 from asyncraft.remote.layout import Head
@@ -100,3 +102,62 @@ def test_progress_line_shows_an_outage() -> None:
     assert "replication: store unreachable since" in line and "(acknowledgements wait)" in line
     assert "lag 20 records, 4.0 s" in line and "connection refused" in line
     assert snap["replication"]["healthy"] is False and snap["replication"]["lag_records"] == 20
+
+
+class Watcher:
+    """A stand-in replica that checks what the writer tells it against the disk at the moment it is told."""
+
+    durability = "async"
+
+    def __init__(self) -> None:
+        self.ends: dict[str, int] = {}
+        self.last_of: dict[str, int] = {}  # segments told of and not yet covered by an announced manifest
+        self.lasts: list[int] = []
+        self.manifests: list[str] = []
+        self.immutable: list[str] = []
+        self.problems: list[str] = []
+
+    def on_commit(self, segment: Path, committed_bytes: int, last_seq: int) -> None:
+        size = segment.stat().st_size
+        if size < committed_bytes:
+            self.problems.append(f"{segment.name}: told {committed_bytes} bytes, the file has {size}")
+        self.ends[segment.name] = committed_bytes
+        self.last_of[segment.name] = last_seq
+        self.lasts.append(last_seq)
+
+    def on_immutable(self, paths: Sequence[Path]) -> None:
+        self.immutable += [p.name for p in paths if p.exists()]
+
+    def on_manifest(self, path: Path) -> None:
+        # Told before the segments this manifest covers go: each must still be on disk.
+        seq = int(path.name[len("manifest-"):-len(".json")])
+        covered = [name for name, last in self.last_of.items() if last <= seq]
+        gone = [name for name in covered if not (path.parent.parent / "journal" / name).exists()]
+        if gone:
+            self.problems.append(f"{path.name} announced after {gone} were deleted")
+        for name in covered:
+            del self.last_of[name]
+        self.manifests.append(path.name)
+
+    async def durable(self, seq: int) -> None:
+        raise AssertionError("async durability never waits")
+
+
+async def test_the_writer_tells_the_replica_of_every_commit_seal_and_snapshot(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    fs = FS()
+    rec = storage.open_for_run(sd, fs)
+    sd.write_meta(fs, {"format": 2, "job": "prompts", "created": 0})
+    watcher = Watcher()
+    journal = Journal(sd, rec, fs=fs, fsync_interval=0, segment_bytes=600, snapshot_every=15, replica=watcher)
+    writer = asyncio.create_task(journal.run())
+    for i in range(40):
+        await journal.append({"k": "attempt", "id": f"t{i}", "n": 1})
+    await journal.close()
+    await writer
+    assert watcher.problems == []
+    # Every segment was told of, in seq order, up to the last record.
+    assert len(watcher.ends) >= 3 and watcher.lasts == sorted(watcher.lasts)
+    assert watcher.lasts[-1] == journal.next_seq - 1
+    assert len(watcher.manifests) >= 2 and watcher.manifests[-1] == sd.manifests()[0][1].name
+    assert {n for n in watcher.immutable if n.endswith(".zst")} == {r.name for r in sd.run_files()}
