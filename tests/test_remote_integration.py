@@ -15,7 +15,7 @@ from asyncraft import config, records, storage
 from asyncraft.errors import ConfigError
 from asyncraft.journal import Journal
 from asyncraft.progress import format_line, replication_snapshot
-from asyncraft.remote import Remote, ReplicationStatus, attach, restore
+from asyncraft.remote import LeaseLost, Remote, ReplicationStatus, attach, restore
 from asyncraft.remote.layout import Head
 from asyncraft.remote.product import manifest_files, owner
 from asyncraft.storage.compact import write_manifest
@@ -161,3 +161,48 @@ async def test_the_writer_tells_the_replica_of_every_commit_seal_and_snapshot(tm
     assert watcher.lasts[-1] == journal.next_seq - 1
     assert len(watcher.manifests) >= 2 and watcher.manifests[-1] == sd.manifests()[0][1].name
     assert {n for n in watcher.immutable if n.endswith(".zst")} == {r.name for r in sd.run_files()}
+
+
+class Gated(Watcher):
+    """Sync durability whose store answers only when the test opens the gate (or fails with ``error``)."""
+
+    durability = "sync"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.asked: list[int] = []
+        self.new_ask = asyncio.Event()
+        self.error: BaseException | None = None
+
+    async def durable(self, seq: int) -> None:
+        self.asked.append(seq)
+        self.new_ask.set()
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+
+
+async def test_sync_acknowledges_after_the_store_and_the_writer_goes_on_meanwhile(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    rec = storage.open_for_run(sd, FS())
+    replica = Gated()
+    journal = Journal(sd, rec, fsync_interval=0, replica=replica)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(journal.run())
+        first = journal.submit({"k": "attempt", "id": "a", "n": 1})
+        await replica.new_ask.wait()
+        replica.new_ask.clear()
+        second = journal.submit({"k": "attempt", "id": "b", "n": 1})
+        await replica.new_ask.wait()  # the second commit was made while the first waits for the store
+        assert replica.asked == [1, 2] and not first.done() and not second.done()
+        replica.gate.set()
+        await asyncio.gather(first, second)
+        replica.gate.clear()
+        replica.error = LeaseLost("taken over (test)")
+        third = journal.submit({"k": "attempt", "id": "c", "n": 1})
+        await replica.new_ask.wait()
+        replica.gate.set()
+        with pytest.raises(LeaseLost):
+            await third
+        await journal.close()
