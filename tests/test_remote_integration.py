@@ -188,7 +188,7 @@ async def test_sync_acknowledges_after_the_store_and_the_writer_goes_on_meanwhil
     rec = storage.open_for_run(sd, FS())
     replica = Gated()
     journal = Journal(sd, rec, fsync_interval=0, replica=replica)
-    async with asyncio.TaskGroup() as tg:
+    async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
         tg.create_task(journal.run())
         first = journal.submit({"k": "attempt", "id": "a", "n": 1})
         await replica.new_ask.wait()
