@@ -270,7 +270,7 @@ def test_store_unreachable_mid_run(sim_factory: Any, reference: tuple[Path, byte
 def test_two_runs_on_one_url(sim_factory: Any, reference: tuple[Path, bytes], store_url: str, durability: str,
                              tmp_path: Path) -> None:
     inp, expected = reference
-    slow = sim_factory("--latency-ms", "100", "--seed", "5")
+    slow = sim_factory("--latency-ms", "50", "--seed", "5")  # slow enough that the first run is mid-job when stopped
     env = remote_env(slow, durability)
     first = Run(inp, tmp_path / "machine-a", store_url, env)
     try:
