@@ -21,7 +21,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.remote_helpers")  # before the import below, as in test_remote_crash
 
-from asyncraft.remote import Remote  # noqa: E402
+from asyncraft.remote import Remote, restore  # noqa: E402
 from asyncraft.remote.layout import LEASE, Head  # noqa: E402
 from tests.conftest import cli_env, run_cli, write_prompts  # noqa: E402
 from tests.helpers import ROOT, SimProcess, start_simulator, task_states, wait_until  # noqa: E402
@@ -96,8 +96,6 @@ def wait_lease_expired(url: str) -> None:
 def store_done(url: str, env: dict[str, str], tmp: Path) -> set[int]:
     """Task keys done according to the store (restored into a fresh dir, as another machine would)."""
     dest = tmp / f"peek-{time.monotonic_ns()}"
-    from asyncraft.remote import restore
-
     asyncio.run(restore(Remote.open(url), dest))
     return set(task_states(dest).settled)
 
