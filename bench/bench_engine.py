@@ -85,7 +85,9 @@ def asyncraft_run(base_url: str, inp: Path, state: Path, concurrency: int, **fla
     return n / elapsed
 
 
-# bench_storage runs children under this wrapper to read their peak RSS (VmHWM) at exit.
+# Runs a module (or a script) as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at
+# exit. getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so a child
+# of this (large) benchmark process would report the parent's peak.
 PEAK_WRAPPER = """
 import atexit, os, runpy, sys
 def _report():
@@ -260,7 +262,7 @@ class InstantPool:
         return Completion({"content": "An instant answer."}, "stop", {"prompt_tokens": 12, "completion_tokens": 4},
                           body.get("model"))
 
-    embed = chat
+    embed = complete = chat
 
     def describe(self) -> list[dict[str, Any]]:
         return []
@@ -284,40 +286,15 @@ def bench_overhead(ns: argparse.Namespace) -> None:
 def in_process_cpu(inp: Path, state: Path, concurrency: int, n: int) -> float:
     """Microseconds of this process's CPU per task for one whole run in this process (every thread counts:
     the journal's and the feeder's too)."""
-    shutil.rmtree(state, ignore_errors=True)
-    settings = config.load("run", {"input": str(inp), "state_dir": str(state), "base_url": "http://127.0.0.1:9/v1",
-                                   "model": "sim-1", "concurrency": str(concurrency), "job": "prompts",
-                                   "progress": "off", "model_check": "off"}, env={"ASYNCRAFT_API_KEY": "bench"})
     c0 = time.process_time()
-    code = asyncio.run(app.main(settings))
-    assert code == 0, code
+    asyncraft_run("http://127.0.0.1:9/v1", inp, state, concurrency, progress="off", model_check="off")
     return (time.process_time() - c0) / n * 1e6
-
-
-# Runs a module as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at exit.
-# getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so
-# a child of this (large) benchmark process would report the parent's peak.
-_PEAK_WRAPPER = """
-import atexit, os, runpy, sys
-def _report():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
-                fh.write(line.split()[1])
-atexit.register(_report)
-module = sys.argv[1]
-sys.argv = sys.argv[1:]
-if module != "-":
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-else:
-    import asyncraft.app
-"""
 
 
 def peak_rss_mb(args: list[str], env: dict[str, str], tmp: Path) -> float:
     """Peak RSS of ``python -m <args>`` (``args[0]`` = "-": just import asyncraft.app)."""
     peak_file = tmp / "peak"
-    subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
+    subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
                    cwd=ROOT, check=True)
     return int(peak_file.read_text()) / 1024
 
