@@ -18,12 +18,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiofiles
 import orjson
 
-from asyncraft import __version__, storage
+from asyncraft import __version__, preflight, storage
 from asyncraft.config import Settings, fingerprint_settings
 from asyncraft.cost import Budget
 from asyncraft.endpoints import EndpointPool
@@ -39,12 +39,15 @@ from asyncraft.failpoints import Failpoints
 from asyncraft.failures import FailureTally
 from asyncraft.jobs.base import Job, Task
 from asyncraft.journal import Journal
-from asyncraft.limits import Limits
+from asyncraft.limits import RateController
 from asyncraft.metrics import HealthMonitor, Metrics
 from asyncraft.progress import Reporter, RunView, StageTally
 from asyncraft.provider import Completion
 from asyncraft.scheduler import Scheduler
 from asyncraft.storage import FS, Recovery, StateDir
+
+if TYPE_CHECKING:
+    from asyncraft.remote import Attached, RemoteError, Replicator
 
 log = logging.getLogger("asyncraft")
 T = TypeVar("T")
@@ -53,6 +56,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_IOERR = 74
 EXIT_TEMPFAIL = 75  # stopped before the end; run the same command again to continue
+EXIT_STATE = 1  # state damaged, or owned by another process (lock or state URL lease)
 INPUT_POSITION_INTERVAL = 2.0  # seconds between records of how far the input is handled
 
 
@@ -63,7 +67,7 @@ def make_job(settings: Settings) -> Job:
         path = Path(settings.input)
         if not path.is_file():
             raise ConfigError(f"--input {settings.input}: no such file (the prompts job reads a JSONL file)")
-        return PromptsJob(path, model=settings.model, extra_body=settings.extra_body)
+        return PromptsJob(path, model=settings.model, extra_body=settings.extra_body, samples=settings.samples)
     if settings.job == "raft":
         from asyncraft import documents
         from asyncraft.jobs.raft import RaftJob, RaftParams
@@ -127,14 +131,23 @@ class Runner:
         self._grace_handle: asyncio.TimerHandle | None = None
         self._people_file_failed = False
         self.failures = FailureTally()
+        self.attached: Attached | None = None  # --state-url
+        self.remote_error: RemoteError | None = None
 
     async def main(self) -> int:
         s = self.settings
         job = make_job(s)
         ensure_open_files(s.concurrency)
+        try:
+            await preflight.check(s)
+        except preflight.Unanswered as exc:
+            log.error("stopped before the first call: %s. Run the same command again once it answers.", exc)
+            return EXIT_TEMPFAIL
         await self._disk_retry(self.sd.create_dirs, self.fs)
         lock_fd = self.sd.lock()
         try:
+            if s.state_url is not None and not await self._attach_remote(s.state_url):
+                return EXIT_TEMPFAIL
             with contextlib.suppress(StateDamaged):  # the resolver reports it (or --salvage repairs it)
                 meta = self.sd.read_meta()
                 if meta is not None and meta.get("job") != job.name:
@@ -169,9 +182,7 @@ class Runner:
             if resume is not None:
                 states = recovered.tasks
 
-                def settled(key: int | None, problem: bool) -> bool:
-                    if key is None:
-                        return True
+                def settled(key: int, problem: bool) -> bool:
                     if problem:
                         return key in states.input_errors
                     return key in states.done or (not s.retry_failed and key in states.failed)
@@ -180,6 +191,8 @@ class Runner:
                 resume(recovered.latest.get("inpos"), settled, trust_position=not s.retry_failed)
             return await self._run(job, recovered)
         finally:
+            if self.attached is not None and self.remote_error is None and not self._replicated:
+                await self._replicate(self.attached.replicator, stopped=True)  # releases the lease
             os.close(lock_fd)
 
     async def _disk_retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -212,37 +225,49 @@ class Runner:
 
     async def _run(self, job: Job, recovered: Recovery) -> int:
         s = self.settings
-        limits = Limits(s.rpm, s.tpm)
+        limits = RateController(s.rpm, s.tpm, concurrency=s.concurrency)
         tally = StageTally()
+        rep = self.attached.replicator if self.attached is not None else None
         journal = Journal(self.sd, recovered, fs=self.fs, fsync=s.fsync, fsync_interval=s.fsync_interval,
                           segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
-                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=tally.on_commit)
+                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=tally.on_commit,
+                          replica=rep)
         self.journal = journal
+        replicating = None
+        if rep is not None:
+            from asyncraft.remote.product import announce
+
+            announce(rep, self.sd, recovered.segments)
+            replicating = asyncio.create_task(self._replicate(rep), name="replicator")
         metrics = Metrics() if s.metrics_port is not None else None
-        # The scheduler's watchdog enforces the request timeout (it already watches every call), so
-        # aiohttp arms no timer per request.
         pool = EndpointPool(s.base_url, api_key=s.api_key, api_type=s.resolved_api_type(),
                             api_version=s.api_version, concurrency=s.concurrency,
-                            request_timeout=None, connect_timeout=s.connect_timeout,
-                            on_rate_info=limits.observe, backoff_base=s.backoff_base, backoff_max=s.backoff_max,
+                            request_timeout=s.request_timeout, connect_timeout=s.connect_timeout,
+                            stall_timeout=s.stall_timeout, stream=s.stream != "off",
+                            on_rate_info=limits.observe, on_status=limits.answered,
+                            backoff_base=s.backoff_base, backoff_max=s.backoff_max,
                             on_call=metrics.observe_call if metrics is not None else None)
 
-        def call(task: Task, beat: Callable[[], None]) -> Awaitable[Completion]:
-            return pool.embed(task.body, beat) if task.endpoint == "embed" else pool.chat(task.body, beat)
+        calls = {"chat": pool.chat, "embed": pool.embed, "complete": pool.complete}
+
+        def call(task: Task) -> Awaitable[Completion]:
+            return calls[task.endpoint](task.body)
 
         sched = Scheduler(job, journal, call, limits, recovered, concurrency=s.concurrency,
-                          stall_timeout=s.stall_timeout, request_timeout=s.request_timeout,
-                          max_retries=s.max_retries, backoff_base=s.backoff_base,
+                          rate_limit_wait=s.rate_limit_wait, max_retries=s.max_retries, backoff_base=s.backoff_base,
                           backoff_max=s.backoff_max, output_estimate=s.output_tokens_estimate,
                           retry_failed=s.retry_failed, api_key=s.api_key, on_problem=self._append_error,
                           budget=Budget(s.price_input_per_m, s.price_output_per_m, s.max_cost, s.max_tokens_total),
                           watch=s.watch, watch_interval=s.watch_interval, tally=tally)
         self.scheduler = sched
         view = RunView(s, sched, journal, tally, pool)
+        health = HealthMonitor(sched, journal, writer_timeout=s.health_writer_timeout,
+                               stall_timeout=s.health_stall_timeout)
+        if rep is not None:
+            view.replication = health.replication = rep.status
         if metrics is not None and s.metrics_port is not None:
             # Before the scheduler, so that a health check sees the whole run; stopped after the writer.
-            metrics.watch(view, HealthMonitor(sched, journal, writer_timeout=s.health_writer_timeout,
-                                              stall_timeout=s.health_stall_timeout))
+            metrics.watch(view, health)
             view.metrics_url = await metrics.start(s.metrics_host, s.metrics_port)
             log.info("metrics on %s/metrics, health on %s/healthz", view.metrics_url, view.metrics_url)
         loop = asyncio.get_running_loop()
@@ -262,8 +287,8 @@ class Runner:
             await self._record_input_position(job, journal)
         except* JournalError:
             # The writer failed (or a record could not be handed to it): the workers and the feeder saw the same
-            # error. The journal's error decides the exit status below.
-            if journal.error is None:
+            # error. The journal's error decides the exit status below (or the replicator's, if it failed).
+            if journal.error is None and (rep is None or rep.status().state not in ("failed", "fenced")):
                 raise
         finally:
             tracking.cancel()
@@ -280,6 +305,9 @@ class Runner:
                 await writer
             except JournalError:
                 pass
+            if rep is not None and replicating is not None:
+                rep.stop()  # ships what the writer's final flush left, then releases the lease
+                await replicating
             if metrics is not None:
                 await metrics.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -294,6 +322,9 @@ class Runner:
         summary = (f"{len(sched.done)} done, {len(sched.failed)} failed, {st.input_problems} input problems; "
                    f"this run: {st.done} done in {elapsed:.1f}s, {st.calls.total()} calls, "
                    f"{st.prompt_tokens}+{st.completion_tokens} tokens")
+        if self.remote_error is not None:
+            log.error("stopped: %s. The state URL's replication failed: %s", summary, self.remote_error)
+            return EXIT_USAGE if isinstance(self.remote_error, ConfigError) else EXIT_STATE
         if journal.error is not None:
             err = journal.error
             log.error("%s", err)
@@ -310,14 +341,61 @@ class Runner:
         if sched.stopping is not None:
             log.warning("stopped (%s): %s. Run the same command again to continue.", sched.stopping, summary)
             return EXIT_TEMPFAIL
+        if not sched.done and (sched.failed or st.input_problems):
+            log.error("no task succeeded: %d failed, %d bad input line(s) (see %s). %s. Fix the cause and run "
+                      "again (--retry-failed asks the failed tasks again).", len(sched.failed), st.input_problems,
+                      self.sd.errors_path, summary)
+            return EXIT_TEMPFAIL
         if st.gave_up:
-            log.warning("%d task(s) still failing after %d retries (server errors or timeouts); they are not "
-                        "marked failed. %s. Run again to retry them.", st.gave_up, self.settings.max_retries, summary)
+            log.warning("%d task(s) still failing after %d retries or %gs of 429s (last error: %s); they are not "
+                        "marked failed. %s. Run again to retry them.", st.gave_up, self.settings.max_retries,
+                        self.settings.rate_limit_wait, st.last_error, summary)
             return EXIT_TEMPFAIL
         log.info("finished: %s", summary)
         log.info("export with: python -m asyncraft export --state-dir %s --format %s --out results.jsonl",
                  self.settings.state_dir, self.settings.job)
         return EXIT_OK
+
+    # -- state beyond the machine (--state-url; asyncraft.remote) -----------------------------------------
+
+    _replicated = False
+
+    async def _attach_remote(self, url: str) -> bool:
+        """Take the state URL's lease and bring the local dir up to the store before recovery reads it.
+        False when the store cannot be reached (exit 75: nothing was started)."""
+        from asyncraft.remote import RemoteUnavailable
+        from asyncraft.remote.product import attach_dir
+
+        s = self.settings
+        try:
+            self.attached = await attach_dir(url, self.sd.root, durability="sync" if s.remote_durability == "sync"
+                                             else "async", interval=s.remote_interval, ttl=s.remote_lease,
+                                             failpoints=self.fs.fp, backoff_base=s.backoff_base,
+                                             backoff_max=s.backoff_max)
+        except RemoteUnavailable as exc:
+            log.error("%s; run the same command again when the store answers", exc)
+            return False
+        a = self.attached
+        where = f"; what was in the way is in {a.set_aside}" if a.set_aside is not None else ""
+        log.info("state URL %s: %s as generation %d (%s durability)%s", url,
+                 {"fresh": "new state", "continued": "continuing", "restored": "restored"}[a.action], a.generation,
+                 s.remote_durability, where)
+        return True
+
+    async def _replicate(self, rep: Replicator, *, stopped: bool = False) -> None:
+        """Run the replicator; if it fails (lease lost, bucket damaged or refused) the run stops at once."""
+        from asyncraft.remote import RemoteError
+
+        self._replicated = True
+        if stopped:
+            rep.stop()
+        try:
+            await rep.run()
+        except RemoteError as exc:
+            self.remote_error = exc
+            log.error("replication to the state URL failed: %s", exc)
+            if self.scheduler is not None:
+                self.scheduler.fatal_error(exc)
 
     async def _track_input(self, job: Job, journal: Journal) -> None:
         """Record every few seconds how far the input is fully handled, so a resume can start reading there."""
@@ -369,6 +447,9 @@ class Runner:
         started = self.scheduler.stats.started if self.scheduler is not None else None
         status = {"pid": os.getpid(), "version": __version__, "updated": time.time(), "started": started,
                   "running": not final, **snap}
+        summary = getattr(self.scheduler.job, "input_summary", None) if self.scheduler is not None else None
+        if summary is not None:
+            status.update(summary())  # repeated lines and custom_ids (the prompts job)
         self._write_people_file(self.sd.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2))
         return status
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from yarl import URL
 
 from asyncraft.errors import ConfigError
 
@@ -127,9 +129,29 @@ def _url_list(raw: str) -> tuple[str, ...]:
     if not urls:
         raise ValueError("must name at least one URL")
     for url in urls:
+        shown = _shown_url(url)
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{url!r} must start with http:// or https://")
+            raise ValueError(f"{shown!r} must start with http:// or https://")
+        try:
+            parsed = URL(url)
+            port = parsed.port
+        except ValueError:
+            raise ValueError(f"{shown!r} is not a valid URL") from None
+        if not parsed.host:
+            raise ValueError(f"{shown!r} names no host")
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"{shown!r} has an invalid port")
+        if parsed.fragment or "#" in url:
+            raise ValueError(f"{shown!r} has a #fragment, which cannot be joined with the API paths")
     return urls
+
+
+def _shown_url(url: str) -> str:
+    """A URL for an error message: without user, password and query, which may hold secrets."""
+    try:
+        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+    except ValueError:
+        return url.split("@")[-1].split("?")[0]
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,9 @@ OPTIONS: tuple[Option, ...] = (
            "(raft job); export re-reads it for input order", commands=("run", "export"), metavar="PATH"),
     Option("job", _choice("prompts", "raft"), "prompts", "which job to run: prompts (JSONL of chat requests "
            "in, one completion per line out) or raft", metavar="JOB"),
+    # -- the prompts job --
+    Option("samples", _number(int, 1, 1000), 1, "prompts: independent answers per input line (the sample index "
+           "is part of the task id; exports carry it); at 1, identical lines share one answer", metavar="K"),
     # -- the raft job (they change what is generated: recorded in the state dir's fingerprint) --
     Option("questions", _number(int, 1, 100), 5, "raft: questions generated per chunk (one call per chunk)",
            metavar="N"),
@@ -217,8 +242,10 @@ OPTIONS: tuple[Option, ...] = (
            "column", commands=("export",), metavar="NAME"),
     Option("stop_token", _text, "<STOP>", "export --format completion: appended to every completion (empty = "
            "none)", commands=("export",), metavar="TEXT"),
-    Option("base_url", _url_list, ("https://api.openai.com/v1",), "OpenAI-compatible base URL, e.g. "
-           "http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp) or an Azure deployment URL", metavar="URL"),
+    Option("base_url", _url_list, ("https://api.openai.com/v1",), "OpenAI-compatible base URL that gets every "
+           "call and the API key, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp) or an Azure deployment "
+           "URL (several, comma-separated, share the work); OPENAI_BASE_URL is read when this is not set",
+           metavar="URL"),
     Option("model", _optional_text, None, "model name sent with every request (overrides the model in "
            "input lines); required unless every input line names one", metavar="NAME"),
     Option("api_type", _choice("auto", "openai", "azure"), "auto", "auth style: openai (Authorization: Bearer) "
@@ -229,16 +256,23 @@ OPTIONS: tuple[Option, ...] = (
            "keys of input lines, e.g. '{\"temperature\": 0}'", metavar="JSON"),
     Option("concurrency", _number(int, 1, 100_000), 64, "API calls in flight at most", metavar="N"),
     Option("rpm", _number(float, 0), 0.0, "client requests/minute limit, paced evenly (0 = none; the server's "
-           "x-ratelimit headers still apply)", metavar="N"),
+           "x-ratelimit headers and its 429s still set the pace)", metavar="N"),
     Option("tpm", _number(float, 0), 0.0, "client tokens/minute limit, prompt estimate + max_tokens counted "
            "before the call, corrected from usage after (0 = none)", metavar="N"),
-    Option("request_timeout", _number(float, 0.1), 600.0, "seconds one API call may take in total; the watchdog "
-           "cancels and retries a call that runs longer", metavar="S"),
+    Option("stream", _choice("auto", "off"), "auto", "auto: stream answers (every chunk shows the call is alive) "
+           "where the server can, and fall back to plain calls where it cannot; off: never stream", metavar="MODE"),
+    Option("request_timeout", _number(float, 0.1), 600.0, "seconds one API call may take in total; a call that "
+           "runs longer is cancelled and retried", metavar="S"),
     Option("connect_timeout", _number(float, 0.1), 10.0, "seconds to open a connection", metavar="S"),
-    Option("stall_timeout", _number(float, 0.1), 120.0, "the watchdog cancels and retries a call that shows no "
-           "progress (connection, response headers, complete body) for this many seconds", metavar="S"),
-    Option("max_retries", _number(int, 0, 1000), 8, "retries of one call on 429/5xx/timeouts before it is "
-           "left for the next run (never recorded as failed)", metavar="N"),
+    Option("stall_timeout", _number(float, 0.1), 120.0, "a streamed call that receives no byte for this many "
+           "seconds is cancelled and retried (a call that is not streamed is never cancelled for this)",
+           metavar="S"),
+    Option("max_retries", _number(int, 0, 1000), 8, "retries of one call on 5xx, timeouts and connection errors "
+           "before it is left for the next run (never recorded as failed; 429s do not count)", metavar="N"),
+    Option("rate_limit_wait", _number(float, 1.0), 600.0, "seconds a call keeps being retried after 429s before "
+           "it is left for the next run", metavar="S"),
+    Option("model_check", _choice("on", "off"), "on", "before the first paid call, ask GET /models and refuse a "
+           "model the server does not list (skipped where the server has no such list)", metavar="ON_OFF"),
     Option("backoff_base", _number(float, 0.0), 1.0, "first retry delay in seconds (exponential, full jitter)",
            metavar="S"),
     Option("backoff_max", _number(float, 0.0), 60.0, "longest retry delay in seconds", metavar="S"),
@@ -296,6 +330,17 @@ OPTIONS: tuple[Option, ...] = (
            "plus 1 s, or two request intervals of --rpm)", commands=("run", "demo"), metavar="S"),
     Option("failpoints", _text, "", "test hook: comma-separated failpoints (name[=action][@hit])",
            flag=False),
+    # -- state beyond the machine (asyncraft.remote) --
+    Option("state_url", _optional_text, None, "s3://, gs://, az:// or file:// URL holding the state; the local "
+           "state dir becomes a cache (credentials from the store's usual variables: AWS_*, GOOGLE_*, AZURE_*)",
+           commands=_STATEFUL, metavar="URL"),
+    Option("remote_durability", _choice("async", "sync"), "async", "async: a result is acknowledged once on the "
+           "local disk (losing the machine re-pays at most one interval of results); sync: once the object store "
+           "has it", metavar="MODE"),
+    Option("remote_interval", _number(float, 0.01, 3600.0), 1.0, "seconds between shipments of the journal's "
+           "tail to the state URL (async durability)", metavar="S"),
+    Option("remote_lease", _number(float, 1.0, 86_400.0), 30.0, "seconds the state URL's lease lasts without "
+           "renewal; another machine takes over only after it expires", metavar="S"),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -308,6 +353,7 @@ class Settings:
     state_dir: str = "asyncraft-state"
     input: str = ""
     job: str = "prompts"
+    samples: int = 1
     questions: int = 5
     distractors: int = 3
     p: float = 0.8
@@ -340,10 +386,13 @@ class Settings:
     concurrency: int = 64
     rpm: float = 0.0
     tpm: float = 0.0
+    stream: str = "auto"
     request_timeout: float = 600.0
     connect_timeout: float = 10.0
     stall_timeout: float = 120.0
     max_retries: int = 8
+    rate_limit_wait: float = 600.0
+    model_check: str = "on"
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     fsync: str = "batch"
@@ -370,6 +419,10 @@ class Settings:
     health_writer_timeout: float = 120.0
     health_stall_timeout: float = 300.0
     failpoints: str = ""
+    state_url: str | None = None
+    remote_durability: str = "async"
+    remote_interval: float = 1.0
+    remote_lease: float = 30.0
     api_key: str | None = field(default=None, repr=False)
 
     @property
@@ -382,17 +435,47 @@ class Settings:
         return "azure" if any(".azure.com" in u or ".azure-api.net" in u for u in self.base_url) else "openai"
 
 
-def _read_api_key(env: Mapping[str, str]) -> str | None:
-    for name in ("ASYNCRAFT_API_KEY", "OPENAI_API_KEY"):
+KEY_VARIABLES = ("ASYNCRAFT_API_KEY", "OPENAI_API_KEY")
+KEY_FILE_VARIABLE = "ASYNCRAFT_API_KEY_FILE"
+# Read from the environment but not options: the key, and the simulator's own settings.
+OTHER_VARIABLES = (*KEY_VARIABLES, KEY_FILE_VARIABLE)
+OTHER_PREFIXES = ("ASYNCRAFT_SIM_",)
+
+
+def _read_api_key(env: Mapping[str, str]) -> tuple[str | None, str]:
+    """The API key and the variable it came from."""
+    for name in KEY_VARIABLES:
         if env.get(name, "").strip():
-            return env[name].strip()
-    key_file = env.get("ASYNCRAFT_API_KEY_FILE", "").strip()
+            return env[name].strip(), name
+    key_file = env.get(KEY_FILE_VARIABLE, "").strip()
     if key_file:
         try:
-            return Path(key_file).read_text(encoding="utf-8").strip() or None
+            return Path(key_file).read_text(encoding="utf-8").strip() or None, KEY_FILE_VARIABLE
         except OSError as exc:
-            raise ConfigError(f"ASYNCRAFT_API_KEY_FILE: cannot read {key_file}: {exc.strerror}") from None
-    return None
+            raise ConfigError(f"{KEY_FILE_VARIABLE}: cannot read {key_file}: {exc.strerror}") from None
+    return None, ""
+
+
+def _check_key(key: str, source: str) -> None:
+    """A key goes into an HTTP header: a line break or a control character there would make every
+    call fail. The message never shows the key."""
+    for i, char in enumerate(key):
+        if not 0x21 <= ord(char) <= 0x7E:
+            what = "a line break" if char in "\r\n" else "a space" if char == " " else (
+                "a control character" if ord(char) < 0x20 or ord(char) == 0x7F else "a non-ASCII character")
+            raise ConfigError(f"{source} contains {what} at position {i + 1}; an API key is printable ASCII "
+                              "(check how the variable or file was written)")
+
+
+def _check_environment(env: Mapping[str, str]) -> None:
+    """Every ASYNCRAFT_ variable must be a setting: a misspelt one would be ignored without a word."""
+    known = {o.env for o in OPTIONS} | set(OTHER_VARIABLES)
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in known or name.startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        raise ConfigError(f"{name} is not a setting" + (f"; did you mean {close[0]}?" if close else
+                                                          " (see --help for the ASYNCRAFT_ variables)"))
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -426,27 +509,43 @@ def load(command: str, flags: Mapping[str, str] | None = None, env: Mapping[str,
     """Build Settings for ``command`` from flags (raw strings), environment and defaults."""
     env = os.environ if env is None else env
     flags = flags or {}
+    _check_environment(env)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for opt in OPTIONS:
         if opt.name in flags:
             raw, source = flags[opt.name], opt.flag_name
         elif opt.env in env:
             raw, source = env[opt.env], opt.env
+        elif opt.name == "base_url" and "OPENAI_BASE_URL" in env:
+            raw, source = env["OPENAI_BASE_URL"], "OPENAI_BASE_URL"  # as OPENAI_API_KEY: the SDK's name
         else:
             continue
         try:
             values[opt.name] = opt.parse(str(raw))
         except ValueError as exc:
-            raise ConfigError(f"{source} {exc} (got {str(raw)!r})") from None
+            raise ConfigError(f"{source} {exc} (got {_shown_value(opt.name, str(raw))!r})") from None
+        sources[opt.name] = source
     values.update(overrides)
+    key_source = ""
     if command in ("run", "demo"):
-        values["api_key"] = _read_api_key(env)
+        values["api_key"], key_source = _read_api_key(env)
     settings = Settings(**values)
-    _check(settings, command)
+    _check(settings, command, url_source=sources.get("base_url", "ASYNCRAFT_BASE_URL"), key_source=key_source)
     return settings
 
 
-def _check(s: Settings, command: str) -> None:
+def _shown_value(name: str, raw: str) -> str:
+    return " ".join(_shown_url(u) for u in raw.replace(",", " ").split()) if name == "base_url" else raw
+
+
+def _check(s: Settings, command: str, *, url_source: str = "ASYNCRAFT_BASE_URL", key_source: str = "") -> None:
+    if s.api_key is not None:
+        _check_key(s.api_key, key_source or "the API key")
+        for url in s.base_url:
+            if URL(url).user is not None:
+                raise ConfigError(f"{url_source} carries credentials (user:password@) and {key_source or 'an API key'} "
+                                  "is set too: they would be sent as two Authorization headers; use one of them")
     if command == "run":
         if not s.input:
             raise ConfigError("--input (ASYNCRAFT_INPUT) is required: the file or folder to generate from")
@@ -457,6 +556,11 @@ def _check(s: Settings, command: str) -> None:
                               "ASYNCRAFT_PRICE_OUTPUT_PER_M to turn tokens into money")
         if s.resolved_api_type() == "azure" and not s.api_version:
             raise ConfigError("ASYNCRAFT_API_VERSION is required for Azure OpenAI (e.g. 2024-10-21)")
+        if s.salvage and s.state_url is not None:
+            raise ConfigError("--salvage repairs a local state dir, but with --state-url the object store holds the "
+                              "state: move a damaged local dir away and run again to restore it; if the store's own "
+                              "state is damaged, run --salvage on its restored local dir without --state-url, then "
+                              "replicate that to a new URL")
 
 
 def fingerprint_settings(s: Settings) -> dict[str, Any]:
@@ -478,6 +582,8 @@ def env_table() -> str:
     for opt in OPTIONS:
         flag = opt.flag_name if opt.flag else "(env only)"
         rows.append(f"| `{opt.env}` | `{flag}` | `{_show_default(opt.default)}` | {opt.help} |")
-    rows.append("| `ASYNCRAFT_API_KEY` / `OPENAI_API_KEY` | (env only) | none | API key; never written anywhere |")
+    rows.append("| `ASYNCRAFT_API_KEY` / `OPENAI_API_KEY` | (env only) | none | API key, sent to every base URL "
+                "(never written anywhere) |")
     rows.append("| `ASYNCRAFT_API_KEY_FILE` | (env only) | none | file holding the API key (Docker secrets) |")
+    rows.append("| `OPENAI_BASE_URL` | (env only) | none | read as `ASYNCRAFT_BASE_URL` when that is not set |")
     return "\n".join(rows)

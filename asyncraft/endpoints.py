@@ -1,6 +1,7 @@
 """Several OpenAI-compatible endpoints (a fleet of vLLM replicas, several deployments) behind one client.
 
-``EndpointPool`` has the interface of ``Provider`` (``chat(body, beat)``, ``embed(body, beat)``, ``async with``)
+``EndpointPool`` has the interface of ``Provider`` (``chat(body)``, ``complete(body)``, ``embed(body)``,
+``async with``)
 so the scheduler does not know how many servers there are. Each call goes to the endpoint with the most free
 capacity, which is the fewest calls in flight: a faster replica frees its slots sooner and so takes more of
 the work, without any weights to configure.
@@ -16,7 +17,6 @@ long time and stop the run only when no endpoint is left. With a single URL the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from asyncraft.errors import ProviderError, QuotaExhausted, RateLimited
 from asyncraft.provider import Completion, Provider, RateInfo
-from asyncraft.retry import Action, classify
+from asyncraft.retry import Action, backoff_cap, classify
 
 log = logging.getLogger("asyncraft.endpoints")
 
@@ -76,8 +76,9 @@ class EndpointPool:
 
     def __init__(self, base_urls: Sequence[str], *, api_key: str | None, api_type: str = "openai",
                  api_version: str | None = None, concurrency: int = 64, request_timeout: float | None = 600.0,
-                 connect_timeout: float = 10.0, on_rate_info: Callable[[RateInfo], None] | None = None,
-                 backoff_base: float = 1.0, backoff_max: float = 60.0,
+                 connect_timeout: float = 10.0, stall_timeout: float = 120.0, stream: bool = True,
+                 on_rate_info: Callable[[RateInfo], None] | None = None,
+                 on_status: Callable[[int], None] | None = None, backoff_base: float = 1.0, backoff_max: float = 60.0,
                  on_call: Callable[[str, str, float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not base_urls:
@@ -92,7 +93,8 @@ class EndpointPool:
         for i, url in enumerate(base_urls):
             provider = Provider(url, api_key=api_key, api_type=api_type, api_version=api_version,
                                 concurrency=concurrency, request_timeout=request_timeout,
-                                connect_timeout=connect_timeout, on_rate_info=self._rate_info_for(i))
+                                connect_timeout=connect_timeout, stall_timeout=stall_timeout, stream=stream,
+                                on_rate_info=self._rate_info_for(i), on_status=on_status)
             self.endpoints.append(Endpoint(url, endpoint_label(url), provider))
         self._stack: contextlib.AsyncExitStack | None = None
 
@@ -110,13 +112,21 @@ class EndpointPool:
 
     # -- the Provider interface ----------------------------------------------------------------------
 
-    async def chat(self, body: dict[str, Any], beat: Callable[[], None] | None = None) -> Completion:
-        result: Completion = await self._call("chat", body, beat)
+    async def chat(self, body: dict[str, Any]) -> Completion:
+        result: Completion = await self._call("chat", body)
         return result
 
-    async def embed(self, body: dict[str, Any], beat: Callable[[], None] | None = None) -> Completion:
-        result: Completion = await self._call("embed", body, beat)
+    async def embed(self, body: dict[str, Any]) -> Completion:
+        result: Completion = await self._call("embed", body)
         return result
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        result: Completion = await self._call("complete", body)
+        return result
+
+    async def models(self) -> list[str] | None:
+        """What the first endpoint lists (``GET /models``); None where it has no list."""
+        return await self.endpoints[0].provider.models()
 
     # -- selection -----------------------------------------------------------------------------------
 
@@ -141,7 +151,7 @@ class EndpointPool:
             return best
         return min(self.endpoints, key=lambda e: (e.down_until, e.in_flight))
 
-    async def _call(self, kind: str, body: dict[str, Any], beat: Callable[[], None] | None) -> Any:
+    async def _call(self, kind: str, body: dict[str, Any]) -> Any:
         tried: list[Endpoint] = []
         while True:
             ep = self.pick(tried)
@@ -156,19 +166,14 @@ class EndpointPool:
             started = now
             outcome = "cancelled"
             try:
-                result: Any = await (ep.provider.embed(body, beat) if kind == "embed"
-                                     else ep.provider.chat(body, beat))
+                call = {"embed": ep.provider.embed, "complete": ep.provider.complete}.get(kind, ep.provider.chat)
+                result: Any = await call(body)
                 outcome = "ok"
             except ProviderError as exc:
                 outcome = outcome_name(exc)
                 if not self._failed_over(ep, exc, tried):
                     raise
                 continue
-            except asyncio.CancelledError:
-                # The watchdog ends stalled calls this way (or the grace period ran out): treat the endpoint
-                # as failing, so the retry goes elsewhere if it can.
-                self._mark_failure(ep, "call stalled or interrupted")
-                raise
             finally:
                 ep.in_flight -= 1
                 if probe:
@@ -201,7 +206,7 @@ class EndpointPool:
 
     def _mark_failure(self, ep: Endpoint, why: str) -> None:
         ep.failures += 1
-        delay = min(self._backoff_max, self._backoff_base * 2 ** (ep.failures - 1))
+        delay = backoff_cap(ep.failures, base=self._backoff_base, cap=self._backoff_max)
         ep.down_until = max(ep.down_until, self._clock() + delay)
         ep.last_error = why
         if ep.failures == 1 and len(self.endpoints) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class AsyncraftError(Exception):
@@ -28,12 +29,18 @@ class ProviderError(AsyncraftError):
         code: str | None = None,
         type: str | None = None,
         retry_after: float | None = None,
+        rate_info: Any = None,
+        body: Any = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.type = type
         self.retry_after = retry_after
+        self.rate_info = rate_info  # provider.RateInfo of the answer's x-ratelimit-* headers, if it had any
+        self.body = body  # the error response's body as the server sent it (JSON, or text), the key scrubbed out
+        self.request_id = request_id  # the server's x-request-id
 
 
 class RateLimited(ProviderError):
@@ -61,11 +68,15 @@ class ServerError(ProviderError):
 
 
 class ProviderTimeout(ProviderError):
-    """The call took too long or stalled (no heartbeat)."""
+    """The call took too long, or a streamed answer stopped arriving."""
 
 
 class ConnectionFailed(ProviderError):
-    """The connection could not be made or was reset."""
+    """The connection was reset or closed before the answer was complete."""
+
+
+class Unreachable(ConnectionFailed):
+    """No connection could be made at all: nothing listening, unknown host, no route."""
 
 
 class BadResponse(ProviderError):

@@ -1,10 +1,10 @@
 """Health and Prometheus metrics of a running job, served by aiohttp on ``ASYNCRAFT_METRICS_PORT``.
 
-``/healthz`` answers 200 while the run makes progress or waits for a good reason (a rate-limit cool-down,
-calls in flight whose heartbeats are fresh, a retry back-off, an idle ``--watch``), and 503 with the reason when
+``/healthz`` answers 200 while the run makes progress or waits for a good reason (a rate-limit cool-down or
+pace, calls in flight, tasks waiting for their retry delay, an idle ``--watch``), and 503 with the reason when
 it is stuck: the journal writer holds records but commits nothing, or tasks wait and nothing at all happens.
-A slow API is not stuck: the watchdog ends calls that stall, so a call in flight counts as progress until the
-watchdog would have ended it. An orchestrator that restarts a stuck container therefore never restarts one
+A slow API is not stuck: the request and stall timeouts end calls that stop making progress, so a call in
+flight counts as progress. An orchestrator that restarts a stuck container therefore never restarts one
 that is merely slow or rate-limited.
 
 ``/metrics`` is computed at scrape time from the live scheduler, journal and endpoint pool (a collector on its
@@ -35,6 +35,7 @@ from asyncraft.journal import Journal
 
 if TYPE_CHECKING:
     from asyncraft.progress import RunView
+    from asyncraft.remote import ReplicationStatus
     from asyncraft.scheduler import Scheduler
 
 log = logging.getLogger("asyncraft.metrics")
@@ -58,6 +59,7 @@ class HealthMonitor:
         self._clock = clock
         self._signature: tuple[Any, ...] | None = None
         self._last_change = clock()
+        self.replication: Callable[[], ReplicationStatus] | None = None  # --state-url
 
     def _progress_signature(self) -> tuple[Any, ...]:
         sched, st = self.sched, self.sched.stats
@@ -65,16 +67,13 @@ class HealthMonitor:
                 sched.queued(), st.input_problems, sched.input_total, sched.scans)
 
     def _fresh_calls(self) -> int:
-        """Calls in flight that the watchdog has not given up on: waiting for them is legitimate."""
-        sched = self.sched
-        if not sched.inflight:
-            return 0
-        loop_now = asyncio.get_running_loop().time()
-        return sum(1 for call in sched.inflight.values() if loop_now - call.last_beat < sched.stall_timeout + 5.0)
+        """Calls in flight: waiting for them is legitimate, since the request and stall timeouts end any
+        call that is not making progress."""
+        return len(self.sched.inflight)
 
     def _waiting_legitimately(self) -> bool:
         limits = self.sched.limits
-        return limits.cooling_down() or limits.waiting > 0 or self._fresh_calls() > 0
+        return limits.cooling_down() or limits.waiting > 0 or self.sched.retrying() > 0 or self._fresh_calls() > 0
 
     def sample(self) -> None:
         now = self._clock()
@@ -100,6 +99,13 @@ class HealthMonitor:
         sched, journal = self.sched, self.journal
         if journal.error is not None:
             return False, f"journal failed: {journal.error}"
+        if self.replication is not None:
+            rs = self.replication()
+            # Failed or fenced: the run is stopping. Unreachable: in sync mode nothing is acknowledged meanwhile,
+            # so it counts as a stall once it lasts as long as one.
+            if rs.state in ("failed", "fenced") or (
+                    rs.state == "unreachable" and rs.durability == "sync" and rs.lag_seconds > self.stall_timeout):
+                return False, rs.describe()
         waiting, since = journal.uncommitted()
         if waiting and since is not None:
             stuck = now - max(journal.last_progress, since)
@@ -113,8 +119,8 @@ class HealthMonitor:
             if sched.watch and sched.input_read:
                 return True, "idle: everything known is finished; watching the input for new work"
             return True, "starting: reading the input" if not sched.input_read else "finishing"
-        if sched.limits.cooling_down() or sched.limits.waiting:
-            return True, f"waiting: cooling down after a 429 ({sched.active} task(s) waiting)"
+        if sched.limits.cooling_down() or sched.limits.waiting or sched.retrying():
+            return True, f"waiting: {sched.waiting_for() or 'retries after errors'} ({sched.active} task(s) waiting)"
         if self._fresh_calls():
             return True, f"running: {in_flight} call(s) in flight, {sched.queued()} queued"
         idle = now - max(self._last_change, journal.last_progress)
@@ -151,6 +157,16 @@ class _Collector:
             ok, _why = health.check()
             yield gauge("asyncraft_healthy", "1 while /healthz answers 200", 1 if ok else 0)
         yield gauge("asyncraft_start_time_seconds", "unix time this process started", st.started)
+        if "replication" in snap:
+            rep = snap["replication"]
+            yield gauge("asyncraft_replication_lag_records", "records committed locally, not yet in the object store",
+                        rep["lag_records"])
+            yield gauge("asyncraft_replication_lag_seconds", "age of the oldest commit not yet in the object store",
+                        rep["lag_s"])
+            yield gauge("asyncraft_replication_healthy", "1 while the object store takes what is shipped",
+                        1 if rep["healthy"] else 0)
+            yield gauge("asyncraft_replication_unreachable_since_seconds", "unix time the current store outage began",
+                        rep["unreachable_since"])
 
         tasks = GaugeMetricFamily("asyncraft_tasks", "tasks of the state dir by state (pending once the input has "
                                   "been read to the end)", labels=["state"])
@@ -187,7 +203,12 @@ class _Collector:
                                   value=st.gave_up)
         yield CounterMetricFamily("asyncraft_cooldowns", "shared pauses after a 429 or an exhausted server limit",
                                   value=sched.limits.cooldowns)
-        yield gauge("asyncraft_cooling_down", "1 while every call waits out a 429", 1 if snap["cooling_down"] else 0)
+        yield gauge("asyncraft_cooling_down", "1 while every call waits for a used-up limit to reset",
+                    1 if snap["cooling_down"] else 0)
+        yield gauge("asyncraft_pace_requests_per_minute", "the request rate calls are paced to: --rpm, the server's "
+                    "x-ratelimit headers or learned from 429s, whichever is lowest (0 = none)", sched.limits.rpm)
+        yield gauge("asyncraft_retrying", "tasks waiting for their retry delay (a Retry-After, a back-off)",
+                    sched.retrying())
 
         pool = view.pool
         rate_limited = 0

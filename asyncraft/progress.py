@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from asyncraft.config import Settings
     from asyncraft.endpoints import EndpointPool
     from asyncraft.journal import Journal
+    from asyncraft.remote import ReplicationStatus
     from asyncraft.scheduler import Scheduler
 
 RATE_WINDOW = 30.0  # seconds of history behind a rate: steady enough to read, quick to follow a change
@@ -90,6 +91,7 @@ class RunView:
         self.tally = tally
         self.pool = pool
         self.metrics_url: str | None = None
+        self.replication: Callable[[], ReplicationStatus] | None = None  # --state-url
         self._clock = clock
         self._window = window
         self.started = clock()
@@ -158,13 +160,24 @@ class RunView:
             "cost_projected": round(projected, 6) if projected is not None else None,
             "calls": dict(st.calls), "retries": st.retries, "gave_up": st.gave_up,
             "cooling_down": False if final else sched.limits.cooling_down(),
+            "waiting_for": None if final else sched.waiting_for(),
+            "last_error": st.last_error or None,
             "stopping": sched.stopping, "journal_seq": journal.next_seq - 1, "stages": stages,
         }
         if self.pool is not None and len(self.pool.endpoints) > 1:
             snap["endpoints"] = self.pool.describe()
         if self.metrics_url:
             snap["metrics_url"] = self.metrics_url
+        if self.replication is not None:
+            snap["replication"] = replication_snapshot(self.replication())
         return snap
+
+
+def replication_snapshot(rs: ReplicationStatus) -> dict[str, Any]:
+    """The state URL's replication, for status.json, the progress line and /metrics."""
+    return {"state": rs.state, "durability": rs.durability, "generation": rs.generation,
+            "lag_records": rs.lag_records, "lag_s": round(rs.lag_seconds, 3),
+            "unreachable_since": rs.unreachable_since, "healthy": rs.healthy, "line": rs.describe()}
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -198,8 +211,14 @@ def fmt_money(value: float | None) -> str:
 
 def _state_note(snap: dict[str, Any]) -> str:
     notes = []
-    if snap.get("cooling_down"):
-        notes.append("cooling down after 429")
+    errors = {k: v for k, v in (snap.get("calls") or {}).items() if k != "ok"}
+    if errors:
+        last = snap.get("last_error") or ""
+        last = last if len(last) <= 160 else last[:157] + "..."
+        notes.append("errors " + " ".join(f"{k}x{v}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
+                     + (f" (last: {last})" if last else ""))
+    if snap.get("waiting_for"):
+        notes.append(f"waiting: {snap['waiting_for']}")
     if snap.get("stopping"):
         notes.append(f"stopping: {snap['stopping']}")
     return ", ".join(notes)
@@ -224,6 +243,8 @@ def format_line(snap: dict[str, Any]) -> str:
     note = _state_note(snap)
     if note:
         parts.append(note)
+    if "replication" in snap:
+        parts.append(snap["replication"]["line"])
     return "asyncraft: " + " | ".join(parts)
 
 
@@ -278,6 +299,9 @@ def render_table(snap: dict[str, Any]) -> RenderableType:
     note = _state_note(snap)
     if note:
         parts.append(Text(note, style="yellow"))
+    rep = snap.get("replication")
+    if rep is not None:
+        parts.append(Text(rep["line"], style="dim" if rep["healthy"] else "yellow"))
     return Group(*parts)
 
 

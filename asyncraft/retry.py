@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import enum
 import random
+import re
 
 from asyncraft.errors import (
     AuthError,
     BadRequest,
-    BadResponse,
-    ConnectionFailed,
     NotFound,
     ProviderError,
-    ProviderTimeout,
     QuotaExhausted,
-    RateLimited,
-    ServerError,
 )
+
+# 2.0 ** 1024 overflows a float; every realistic cap is reached long before this exponent.
+_MAX_EXPONENT = 60
+_DIGITS = re.compile(r"\d+")
 
 
 class Action(enum.Enum):
@@ -30,16 +30,26 @@ def classify(exc: ProviderError) -> Action:
         return Action.FATAL
     if isinstance(exc, BadRequest):
         return Action.FAIL_TASK
-    if isinstance(exc, (RateLimited, ServerError, ProviderTimeout, ConnectionFailed, BadResponse)):
-        return Action.RETRY
+    # 429, 5xx, timeouts, refused or reset connections, malformed answers: time may fix them.
     return Action.RETRY
+
+
+def failure_kind(exc: ProviderError) -> tuple[object, ...]:
+    """What makes two refusals "the same error": status, code and the message with its numbers
+    blanked (a context-length error names each request's own token count)."""
+    return (exc.status, exc.code, _DIGITS.sub("#", str(exc)))
+
+
+def backoff_cap(attempt: int, *, base: float, cap: float) -> float:
+    """``base * 2 ** (attempt - 1)``, at most ``cap``, for any number of attempts (attempt counts from 1)."""
+    return min(cap, base * 2.0 ** min(max(attempt - 1, 0), _MAX_EXPONENT))
 
 
 def backoff(attempt: int, *, base: float, cap: float, retry_after: float | None = None,
             rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter (attempt counts from 1); never less than Retry-After."""
     rand: float = (rng or random).random()
-    delay = rand * min(cap, base * 2.0 ** (attempt - 1))
+    delay = rand * backoff_cap(attempt, base=base, cap=cap)
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay

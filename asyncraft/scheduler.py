@@ -1,15 +1,18 @@
-"""The scheduler: a lazy feeder, a bounded queue, N worker coroutines and a watchdog.
+"""The scheduler: a lazy feeder, a bounded queue and N workers.
 
 The feeder reads the job's input on a thread in small batches (a million-line file is never held
-in memory), skips tasks that are done, and fills a bounded queue; children of finished tasks go
-first. Each worker takes a task, waits for the rate limits, makes the call under a heartbeat that
-the watchdog checks, and hands the result to the journal; the task counts as done when the journal
-reports the record on disk.
+in memory), skips tasks that are done, and puts the rest on a bounded ``asyncio.Queue``; tasks due
+for another try and children of finished tasks go first. Each worker takes a task, waits its turn
+at the rate controller, makes the call (the provider bounds it by the request and stall timeouts)
+and hands the result to the journal without waiting: the task counts as done when the record's
+future reports it on disk. A call that failed but may work later goes back to the feeder after its
+delay instead of holding a worker.
 
-This is the hot path of a run against a fast server, so it avoids per-call allocations that asyncio
-would otherwise make: each worker owns one reusable call slot, the watchdog ends a call by
-cancelling the worker instead of arming a timer per call, and the journal reports durability
-through a callback instead of a future per record.
+A run that cannot succeed stops early, resumable, with nothing recorded as failed: at once on a
+refused key, an unknown model or an exhausted quota; when the first requests are all refused the
+same way before anything succeeded (those refusals are held back, and recorded as ordinary
+failures once something succeeds); when no connection can be made for ``UNREACHABLE_STOP`` seconds
+before anything succeeded.
 """
 
 from __future__ import annotations
@@ -25,60 +28,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncraft.cost import Budget
-from asyncraft.errors import JournalError, ProviderError, ProviderTimeout, RateLimited
+from asyncraft.errors import JournalError, ProviderError, RateLimited, Unreachable
 from asyncraft.jobs.base import InputProblem, Job, Outcome, Task
 from asyncraft.journal import Journal
-from asyncraft.limits import Limits, estimate_request_tokens
+from asyncraft.limits import RateController, estimate_request_tokens
 from asyncraft.progress import StageTally
 from asyncraft.provider import Completion
 from asyncraft.records import content_id, id_key, scrub
-from asyncraft.retry import Action, backoff, classify
+from asyncraft.retry import Action, backoff, classify, failure_kind
 from asyncraft.storage.recover import Recovery
 
 log = logging.getLogger("asyncraft")
 
 FEED_BATCH = 512
-
-
-class _Interrupted(Exception):
-    """A call was cancelled because the grace period after a stop signal ran out."""
-
-
-class _Slot:
-    """One worker's call in flight and its record on the way to disk, reused for every task.
-
-    The watchdog ends a call by setting ``ending`` and cancelling the worker's task; the worker turns
-    that cancellation into a timeout (or an interruption) of this call. That is what
-    ``asyncio.timeout`` does, without a timer and a context manager per call."""
-
-    __slots__ = ("index", "worker", "started", "last_beat", "ending", "beat", "pending", "ack_waiter",
-                 "on_durable", "clock")
-
-    def __init__(self, index: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.index = index
-        self.worker: asyncio.Task[None] | None = None
-        self.started = 0.0
-        self.last_beat = 0.0
-        self.ending: str | None = None  # set by the watchdog: "stalled", "timeout" or "interrupted"
-        self.clock = loop.time
-        self.beat: Callable[[], None] = self._beat  # bound once: the provider calls it twice per call
-        # The record this worker handed to the journal and that is not on disk yet (at most one).
-        self.pending: tuple[Task, Outcome] | None = None
-        self.ack_waiter: asyncio.Future[None] | None = None
-        self.on_durable: Callable[[asyncio.Future[None]], None] = _nothing
-
-    def _beat(self) -> None:
-        self.last_beat = self.clock()
-
-    def end(self, why: str) -> None:
-        """End the call in flight (from the watchdog or a stop): the worker sees ``why``."""
-        if self.ending is None and self.worker is not None:
-            self.ending = why
-            self.worker.cancel()
-
-
-def _nothing(_fut: asyncio.Future[None]) -> None:
-    return None
+UNREACHABLE_STOP = 25.0  # seconds without any connection, before anything succeeded, until the run stops
+HOLD_LIMIT = 10  # identical refusals before any success that stop the run (fewer at a concurrency below 9)
 
 
 @dataclass
@@ -87,19 +51,28 @@ class Stats:
     done: int = 0  # this run
     failed: int = 0
     attempts: int = 0  # paid answers the job rejected and retried
-    calls: Counter[str] = field(default_factory=Counter)  # by outcome: ok, 429, 5xx, timeout, ...
+    calls: Counter[str] = field(default_factory=Counter)  # by outcome: ok, 429, 500, ProviderTimeout, ...
     retries: int = 0
-    gave_up: int = 0  # transient failures past max_retries: left for the next run
+    gave_up: int = 0  # still failing after max_retries (or rate-limited past rate_limit_wait): left for the next run
     input_problems: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    last_error: str = ""
+
+
+@dataclass(slots=True)
+class _Tries:
+    """A task's failed calls in this run."""
+
+    errors: int = 0  # transient failures other than 429: bounded by max_retries
+    first_429: float | None = None  # 429s are the server pacing us: bounded by time, not by count
 
 
 class Scheduler:
-    def __init__(self, job: Job, journal: Journal, call: Callable[[Task, Callable[[], None]], Awaitable[Completion]],
-                 limits: Limits, recovered: Recovery, *, concurrency: int, stall_timeout: float,
-                 max_retries: int, backoff_base: float, backoff_max: float, output_estimate: int,
-                 request_timeout: float | None = None, retry_failed: bool = False, api_key: str | None = None,
+    def __init__(self, job: Job, journal: Journal, call: Callable[[Task], Awaitable[Completion]],
+                 limits: RateController, recovered: Recovery, *, concurrency: int, max_retries: int,
+                 backoff_base: float, backoff_max: float, output_estimate: int, rate_limit_wait: float = 600.0,
+                 retry_failed: bool = False, api_key: str | None = None,
                  on_problem: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
                  budget: Budget | None = None, watch: bool = False, watch_interval: float = 10.0,
                  tally: StageTally | None = None) -> None:
@@ -112,38 +85,41 @@ class Scheduler:
         self._input_errors = recovered.input_errors
         self._attempts = recovered.attempts
         self.concurrency = concurrency
-        self.stall_timeout = stall_timeout
-        self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.rate_limit_wait = rate_limit_wait
         self.output_estimate = output_estimate
         self._key = api_key
         self._on_problem = on_problem
         self.tally = tally if tally is not None else StageTally()
-        # The task queue: a deque the feeder fills and idle workers wait on. The feeder refills it in
-        # bursts: when it is full, it waits until it is half empty instead of being woken for each task.
-        self._ready: deque[Task] = deque()
-        self._max_ready = max(concurrency, 256)
-        self._low_water = self._max_ready // 2
-        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a task
-        self._no_more = False  # set when workers should exit once the queue is empty
-        self._room = asyncio.Event()
-        self._room.set()
+        # Children wait in a deque (unbounded: a finished task's children must not be dropped) and the
+        # feeder moves them to the bounded queue ahead of the input.
+        self._queue: asyncio.Queue[Task | None] = asyncio.Queue(max(concurrency, 256))
         self.children: deque[Task] = deque(job.recovered_children(self.done, self.failed))
+        self._due: deque[Task] = deque()  # retries whose delay is over
+        self._later: dict[int, tuple[asyncio.TimerHandle, Task]] = {}  # retries waiting for their delay
+        self._tries: dict[int, _Tries] = {}
         self._queued: set[int] = set()
-        self.active = 0
-        self.inflight: dict[int, _Slot] = {}  # worker index -> its call in flight
+        self.active = 0  # tasks queued, in flight, waiting to be retried, or whose record is not yet on disk
+        self.inflight: dict[asyncio.Task[None], Task] = {}  # worker -> its call in flight
+        self._pacing: set[asyncio.Task[None]] = set()  # workers waiting at the rate controller
         self._wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
         self.stopping: str | None = None  # why we stop early, if we do
         self.fatal: BaseException | None = None
         self.input_total: int | None = None
         self.input_read = False
         self.stats = Stats()
         self._rng = random.Random()
-        self._finished = asyncio.Event()
-        self._stop_event = asyncio.Event()
-        self._limit_waiters: set[asyncio.Task[Any]] = set()
+        # Fail fast: until something succeeds, refusals of one kind are held back, not recorded. Results
+        # already in the state dir show that the configuration works.
+        self._proven = len(self.done) > 0  # or something succeeded, or the refusals differ
+        self._held: list[tuple[Task, ProviderError]] = []
+        self._held_kind: tuple[object, ...] | None = None
+        self._hold_limit = min(concurrency + 1, HOLD_LIMIT)
+        self._unreachable: asyncio.TimerHandle | None = None
+        self._last_unreachable = False
         self.budget = budget or Budget()
         self._job_limit: Callable[[], str | None] | None = getattr(job, "limit_reached", None)
         self._job_call_failed: Callable[[Task, ProviderError], Task | None] | None = getattr(job, "call_failed", None)
@@ -158,30 +134,28 @@ class Scheduler:
 
     # -- control -----------------------------------------------------------------------------------
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, *, quiet: bool = False) -> None:
         if self.stopping is None:
             self.stopping = reason
-            log.warning("stopping: %s", reason)
+            if not quiet:
+                log.warning("stopping: %s", reason)
         self._stop_event.set()
         self._wake.set()
-        self._room.set()
-        # Workers still waiting for the rate limiter have not called anyone yet: end them now.
-        for waiter in list(self._limit_waiters):
-            waiter.cancel()
-        # Tasks still queued are not started; they run on the next start.
-        while self._ready:
-            self._release(self._ready.popleft())
-        self._stop_workers()
+        # Workers still waiting for the rate controller have not called anyone yet: end them now.
+        for worker in list(self._pacing):
+            worker.cancel()
+        self._drain()  # tasks still queued are not started; they run on the next start
 
     def interrupt_inflight(self) -> None:
         """Grace is over: cancel calls still in flight (they were not journaled; they will be redone)."""
-        for slot in list(self.inflight.values()):
-            slot.end("interrupted")
+        for worker in list(self.inflight):
+            worker.cancel()
 
     def fatal_error(self, exc: BaseException) -> None:
         if self.fatal is None:
             self.fatal = exc
-        self.request_stop(str(exc))
+        # The app prints the fatal error once, as the reason the run stopped.
+        self.request_stop(str(exc), quiet=True)
 
     @property
     def complete(self) -> bool:
@@ -189,24 +163,30 @@ class Scheduler:
 
     def queued(self) -> int:
         """Tasks waiting for a worker."""
-        return len(self._ready)
+        return self._queue.qsize()
+
+    def retrying(self) -> int:
+        """Tasks waiting for their retry delay (a Retry-After, a back-off)."""
+        return len(self._later)
+
+    def waiting_for(self) -> str | None:
+        """What holds calls back right now, in words for the progress line; None when nothing does."""
+        parts = []
+        limits = self.limits.describe()
+        if limits:
+            parts.append(limits)
+        after_429 = sum(1 for key in self._later if (t := self._tries.get(key)) and t.first_429 is not None)
+        if after_429:
+            parts.append(f"{after_429} task(s) wait to retry after a 429")
+        return "; ".join(parts) or None
 
     # -- main --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
-            watchdog = tg.create_task(self._watchdog(), name="watchdog")
-            workers = []
             for i in range(self.concurrency):
-                slot = _Slot(i, loop)
-                slot.on_durable = functools.partial(self._durable, slot)
-                slot.worker = tg.create_task(self._worker(slot), name=f"worker-{i}")
-                workers.append(slot.worker)
-            feeder = tg.create_task(self._feed(), name="feeder")
-            await asyncio.wait([feeder, *workers])
-            self._finished.set()
-            watchdog.cancel()
+                tg.create_task(self._worker(), name=f"worker-{i}")
+            tg.create_task(self._feed(), name="feeder")
 
     def tokens_used(self) -> tuple[int, int]:
         """(prompt, completion) tokens of the whole state dir so far."""
@@ -225,13 +205,19 @@ class Scheduler:
             return True
         return self.stopping is not None
 
+    # -- the feeder ----------------------------------------------------------------------------------
+
     async def _feed(self) -> None:
         roots = self.job.roots()
         lines_ok = 0
         exhausted = False
         while self.stopping is None:
-            while self.children and self.stopping is None:
+            if self._due:
+                await self._queue.put(self._due.popleft())
+                continue
+            if self.children:
                 await self._enqueue(self.children.popleft())
+                continue
             if not exhausted:
                 batch = await asyncio.to_thread(_take, roots, FEED_BATCH)
                 if not batch:
@@ -247,7 +233,7 @@ class Scheduler:
                         lines_ok += 1
                         await self._enqueue(item)
                 continue
-            if self.active == 0 and not self.children:
+            if self.active == 0:
                 if not self.watch:
                     break
                 # Watch mode: everything known is finished; look at the input again after a while.
@@ -255,19 +241,38 @@ class Scheduler:
                 if self.stopping is None:
                     roots, lines_ok, exhausted = self.job.roots(), 0, False
                 continue
+            if self._held and self.active == len(self._held):
+                self._stop_held()  # everything else is settled: the refusals are all there is
+                break
             self._wake.clear()
-            if self.active == 0 and not self.children:
-                continue
             await self._wake.wait()
-        self._stop_workers()
+        self._shutdown()
 
-    def _stop_workers(self) -> None:
-        """Workers exit once the queue is empty."""
-        self._no_more = True
-        while self._idle:
-            waiter = self._idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+    def _shutdown(self) -> None:
+        """Nothing more will start: settle what waits, and let each worker exit."""
+        if self._unreachable is not None:
+            self._unreachable.cancel()
+        for handle, task in self._later.values():
+            handle.cancel()
+            self._release(task)
+        self._later.clear()
+        while self._due:
+            self._release(self._due.popleft())
+        self._drain()
+        for _ in range(self.concurrency):
+            self._queue.put_nowait(None)
+
+    def _drain(self) -> None:
+        """Take the queued tasks back (released: they run on the next start); the workers' end marks stay."""
+        ends = 0
+        while not self._queue.empty():
+            task = self._queue.get_nowait()
+            if task is None:
+                ends += 1
+            else:
+                self._release(task)
+        for _ in range(ends):
+            self._queue.put_nowait(None)
 
     async def _input_finished(self, lines_ok: int) -> None:
         self.input_read = True
@@ -277,41 +282,20 @@ class Scheduler:
         if total == self.input_total and self.scans > 1:
             return  # a watch-mode rescan that found nothing new: nothing to journal
         self.input_total = total
+        summary = getattr(self.job, "input_summary", None)
         await self.journal.append({"k": "input", "total": self.input_total, "task_lines": lines_ok,
-                                   "problems": self.stats.input_problems, "t": time.time()})
+                                   "problems": self.stats.input_problems, "t": time.time(),
+                                   **(summary() if summary is not None else {})})
 
     async def _enqueue(self, task: Task) -> None:
         key = id_key(task.id)
         if key in self.done or key in self.failed or key in self._queued:
             return
-        if len(self._ready) >= self._max_ready:
-            self._room.clear()
-            await self._room.wait()
-            if self.stopping is not None:
-                return  # not started: it runs on the next start
         if task.attempt == 0 and self._attempts.get(key):
             task = self._resume_attempts(task, self._attempts[key])
         self._queued.add(key)
         self.active += 1
-        self._ready.append(task)
-        while self._idle:  # wake one idle worker
-            waiter = self._idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-    async def _next_task(self) -> Task | None:
-        """The next queued task, or None when the worker should exit."""
-        ready = self._ready
-        while not ready:
-            if self._no_more:
-                return None
-            waiter = asyncio.get_running_loop().create_future()
-            self._idle.append(waiter)
-            await waiter
-        if not self._room.is_set() and len(ready) <= self._low_water:
-            self._room.set()
-        return ready.popleft()
+        await self._queue.put(task)
 
     def _resume_attempts(self, task: Task, paid: int) -> Task:
         # The job may vary the request per attempt; ask it for the next one after those already paid.
@@ -319,9 +303,11 @@ class Scheduler:
         return retry(task, paid) if retry is not None else task
 
     def _release(self, task: Task) -> None:
-        self._queued.discard(id_key(task.id))
+        key = id_key(task.id)
+        self._queued.discard(key)
+        self._tries.pop(key, None)
         self.active -= 1
-        if self.active == 0 or self.children:
+        if self.active == 0 or self.children or self._held:
             self._wake.set()
 
     async def _record_problem(self, problem: InputProblem) -> None:
@@ -335,181 +321,94 @@ class Scheduler:
         await self._append_problem({"k": "ierr", "id": pid, "key": problem.key, "msg": problem.message,
                                     **problem.detail})
 
-    # -- workers -----------------------------------------------------------------------------------
-
-    async def _worker(self, slot: _Slot) -> None:
-        """Take tasks and make their calls. A finished task's record goes to the writer without
-        waiting: the worker starts its next call while the record is being committed, and the
-        task counts as done only once the journal reports it on disk (``_durable``). Before handing
-        in another record it waits for its previous one, so each worker has at most one record not
-        yet on disk and a crash repeats at most two calls per worker: the one waiting for the server
-        and the one waiting for the disk."""
-        try:
-            while True:
-                task = await self._next_task()
-                if task is None:
-                    return
-                handed_over = False
-                try:
-                    if self.stopping is None:
-                        handed_over = await self._process(slot, task)
-                except _Interrupted:
-                    pass
-                except JournalError as exc:
-                    self.fatal_error(exc)
-                finally:
-                    if not handed_over:
-                        self._release(task)
-        finally:
-            if slot.pending is not None:
-                # Shutting down: our last record must be settled before the writer closes.
-                await self._wait_durable(slot)
-
-    async def _wait_durable(self, slot: _Slot) -> None:
-        while slot.pending is not None:
-            waiter = slot.ack_waiter = asyncio.get_running_loop().create_future()
-            await waiter
-
-    def _durable(self, slot: _Slot, fut: asyncio.Future[None]) -> None:
-        """The journal's report on the record ``slot`` handed in: on disk, or lost with the writer.
-        Only now is the task done. Runs as a callback of the record's future, in the event loop."""
-        assert slot.pending is not None
-        error = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
-        task, outcome = slot.pending
-        slot.pending = None
-        try:
-            if error is None:
-                self.done.add(id_key(task.id))
-                self.stats.done += 1
-                if outcome.children:
-                    self.children.extend(outcome.children)
-                    self._wake.set()
-                self._check_limits()
-        finally:
-            self._release(task)
-            waiter, slot.ack_waiter = slot.ack_waiter, None
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-
-    async def _process(self, slot: _Slot, task: Task) -> bool:
-        """Make the calls of one task. True when its record is handed to the journal (the task is
-        settled in ``_durable``), False when the task is settled already."""
-        attempt = 0
-        limits = self.limits
-        while self.stopping is None:
-            if self._check_limits():
-                return False
-            if self._job_refresh is not None:
-                task = self._job_refresh(task)  # what the job learned since it made the task (e.g. a form)
-            estimate = estimate_request_tokens(task.body, self.output_estimate) if limits.counts_tokens else 0
-            if not limits.free():
-                me = asyncio.current_task()
-                assert me is not None
-                self._limit_waiters.add(me)
-                try:
-                    await limits.acquire(estimate)
-                finally:
-                    self._limit_waiters.discard(me)
-                if self.stopping is not None:
-                    return False
-            try:
-                completion = await self._call(slot, task)
-            except ProviderError as exc:
-                self.stats.calls[_outcome_name(exc)] += 1
-                instead = self._job_call_failed(task, exc) if self._job_call_failed is not None else None
-                if instead is not None:
-                    # The job asks again in a form this server takes; the refused request is not recorded.
-                    self.children.append(instead)
-                    self._wake.set()
-                    return False
-                action = classify(exc)
-                if action is Action.FATAL:
-                    self.fatal_error(exc)
-                    return False
-                if action is Action.FAIL_TASK:
-                    await self._record_fail(task, exc)
-                    return False
-                attempt += 1
-                if isinstance(exc, RateLimited):
-                    limits.cooldown(exc.retry_after if exc.retry_after is not None else
-                                    backoff(attempt, base=self.backoff_base, cap=self.backoff_max, rng=self._rng))
-                if attempt > self.max_retries:
-                    self.stats.gave_up += 1
-                    log.warning("giving up on %s for this run after %d tries: %s", task.id[:12], attempt, exc)
-                    return False
-                self.stats.retries += 1
-                delay = backoff(attempt, base=self.backoff_base, cap=self.backoff_max,
-                                retry_after=exc.retry_after, rng=self._rng)
-                await self._pause(delay)
-                continue
-            stats = self.stats
-            stats.calls["ok"] += 1
-            usage = completion.usage
-            actual = 0
-            if usage is not None:
-                prompt, completed = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-                stats.prompt_tokens += prompt
-                stats.completion_tokens += completed
-                actual = prompt + completed
-            outcome = self.job.handle(task, completion)
-            if limits.counts_tokens and actual > estimate:
-                await limits.correct(estimate, actual)
-            if outcome.retry is None and outcome.fail is None:
-                if slot.pending is not None:
-                    await self._wait_durable(slot)  # at most one record per worker on its way to disk
-                slot.pending = (task, outcome)
-                try:
-                    durable = self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
-                                                   **(outcome.result or {}), "usage": usage})
-                except BaseException:
-                    slot.pending = None
-                    raise
-                durable.add_done_callback(slot.on_durable)
-                return True
-            nxt = await self._record(task, completion, outcome)
-            self._check_limits()
-            if nxt is None:
-                return False
-            task = nxt
-            attempt = 0
-        return False
-
     async def _pause(self, delay: float) -> None:
-        """Sleep for a retry, but wake at once if the run is stopping."""
+        """Sleep, but wake at once if the run is stopping."""
         try:
-            await asyncio.wait_for(self._stop_event.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._stop_event.wait()
         except TimeoutError:
             pass
 
-    async def _call(self, slot: _Slot, task: Task) -> Completion:
-        """One API call under the watchdog, counted per stage."""
-        worker = slot.worker
-        assert worker is not None
-        slot.started = slot.last_beat = slot.clock()
+    # -- workers -----------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        """Take tasks and make their calls. A finished task's record goes to the writer without
+        waiting: the worker starts its next call while the record is being committed. Before handing
+        in another record it waits for its previous one, so each worker has at most one record not yet
+        on disk, and a crash repeats at most two calls per worker: the one waiting for the server and
+        the one waiting for the disk."""
+        me = asyncio.current_task()
+        assert me is not None
+        last: asyncio.Future[None] | None = None
+        while (task := await self._queue.get()) is not None:
+            if self.stopping is not None:
+                self._release(task)
+                continue
+            try:
+                last = await self._run(me, task, last)
+            except JournalError as exc:
+                self.fatal_error(exc)
+        if last is not None and not last.done():
+            await asyncio.wait([last])  # its task is settled before the writer closes
+
+    async def _run(self, me: asyncio.Task[None], task: Task,
+                   last: asyncio.Future[None] | None) -> asyncio.Future[None] | None:
+        """Make the calls of one task; returns the worker's record still on its way to disk."""
+        limits = self.limits
+        settle = True  # release the task on the way out, unless it was handed on
+        try:
+            while not self._check_limits():
+                if self._job_refresh is not None:
+                    task = self._job_refresh(task)  # what the job learned since it made the task (e.g. a form)
+                estimate = estimate_request_tokens(task.body, self.output_estimate) if limits.counts_tokens else 0
+                if not limits.free():
+                    self._pacing.add(me)
+                    try:
+                        await limits.acquire(estimate)
+                    finally:
+                        self._pacing.discard(me)
+                    if self.stopping is not None:
+                        break
+                started = limits.started()
+                try:
+                    completion = await self._call(me, task)
+                except ProviderError as exc:
+                    settle = await self._failed(task, exc, started)
+                    break
+                except BaseException:
+                    limits.failed(started)
+                    raise
+                limits.succeeded(started)
+                if not self._proven:
+                    await self._proved()
+                outcome = self._judge(task, completion, estimate)
+                if outcome.retry is None and outcome.fail is None:
+                    if last is not None and not last.done():
+                        await last  # at most one record per worker on its way to disk
+                    last = self.journal.submit({"k": "done", "id": task.id, "stage": task.stage, **task.meta,
+                                                **(outcome.result or {}), "usage": completion.usage})
+                    last.add_done_callback(functools.partial(self._durable, task, outcome))
+                    settle = False
+                    break
+                nxt = await self._record(task, completion, outcome)
+                if nxt is None:
+                    break
+                task = nxt
+        finally:
+            if settle:
+                self._release(task)
+        return last
+
+    async def _call(self, me: asyncio.Task[None], task: Task) -> Completion:
+        """One API call, counted per stage."""
         counts = self.tally.stage(task.stage)
         counts.in_flight += 1
-        cancelling = worker.cancelling()
-        self.inflight[slot.index] = slot
+        self.inflight[me] = task
         try:
-            result = await self._call_api(task, slot.beat)
-        except asyncio.CancelledError:
-            why, slot.ending = slot.ending, None
-            # Ours only if the watchdog ended it and nobody else cancelled the worker meanwhile.
-            if why is None or worker.uncancel() > cancelling:
-                raise
-            if why == "interrupted":
-                raise _Interrupted() from None
-            if why == "timeout":
-                raise ProviderTimeout(f"no complete answer within ASYNCRAFT_REQUEST_TIMEOUT="
-                                      f"{self.request_timeout:g}s (watchdog)") from None
-            raise ProviderTimeout(f"call stalled: no progress for {self.stall_timeout:g}s (watchdog)") from None
+            result = await self._call_api(task)
         finally:
-            del self.inflight[slot.index]
+            del self.inflight[me]
             counts.in_flight -= 1
-            if slot.ending is not None:
-                # Ended, but the call swallowed the cancellation and finished: take the request back.
-                slot.ending = None
-                worker.uncancel()
         counts.calls += 1
         usage = result.usage
         if usage is not None:
@@ -517,21 +416,152 @@ class Scheduler:
             counts.completion_tokens += usage.get("completion_tokens", 0)
         return result
 
-    async def _watchdog(self) -> None:
-        """Ends calls whose heartbeat stopped for ``stall_timeout``, and calls older than ``request_timeout``."""
-        loop = asyncio.get_running_loop()
-        limit = min(self.stall_timeout, self.request_timeout or self.stall_timeout)
-        interval = max(0.02, min(1.0, limit / 4))
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            stalled = now - self.stall_timeout
-            too_old = now - self.request_timeout if self.request_timeout else None
-            for slot in list(self.inflight.values()):
-                if slot.last_beat < stalled:
-                    slot.end("stalled")
-                elif too_old is not None and slot.started < too_old:
-                    slot.end("timeout")
+    def _judge(self, task: Task, completion: Completion, estimate: int) -> Outcome:
+        stats = self.stats
+        stats.calls["ok"] += 1
+        usage = completion.usage
+        if usage is not None:
+            prompt, completed = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            stats.prompt_tokens += prompt
+            stats.completion_tokens += completed
+            if self.limits.counts_tokens:
+                self.limits.correct(estimate, prompt + completed)
+        return self.job.handle(task, completion)
+
+    def _durable(self, task: Task, outcome: Outcome, fut: asyncio.Future[None]) -> None:
+        """The journal's report on a task's record: on disk, or lost with the writer. Only now is the
+        task done. Runs as a callback of the record's future, in the event loop."""
+        if not fut.cancelled() and fut.exception() is None:
+            self.done.add(id_key(task.id))
+            self.stats.done += 1
+            if outcome.children:
+                self.children.extend(outcome.children)
+                self._wake.set()
+            self._check_limits()
+        self._release(task)
+
+    # -- failures ------------------------------------------------------------------------------------
+
+    async def _failed(self, task: Task, exc: ProviderError, started: float) -> bool:
+        """Decide what a failed call means. True when the task is settled now, False when it was
+        handed on (to a retry or to the refusals held back)."""
+        self.stats.calls[_outcome_name(exc)] += 1
+        self.stats.last_error = str(exc)
+        if isinstance(exc, RateLimited):
+            return self._rate_limited(task, exc, self.limits.on_rate_limited(exc, started))
+        self.limits.failed(started)
+        instead = self._job_call_failed(task, exc) if self._job_call_failed is not None else None
+        if instead is not None:
+            # The job asks again in a form this server takes; the refused request is not recorded.
+            self.children.append(instead)
+            self._wake.set()
+            return True
+        action = classify(exc)
+        if action is Action.FATAL:
+            self.fatal_error(exc)
+            return True
+        if action is Action.FAIL_TASK:
+            return await self._refused(task, exc)
+        self._last_unreachable = isinstance(exc, Unreachable)
+        if self._last_unreachable and not self._proven and self._unreachable is None:
+            log.error("%s; retrying, and stopping in %gs unless it answers", exc, UNREACHABLE_STOP)
+            self._unreachable = asyncio.get_running_loop().call_later(UNREACHABLE_STOP, self._unreachable_over, exc)
+        tries = self._tries_of(task)
+        tries.errors += 1
+        if tries.errors > self.max_retries:
+            self._give_up(task, f"after {tries.errors} tries: {exc}")
+            return True
+        return self._retry_later(task, backoff(tries.errors, base=self.backoff_base, cap=self.backoff_max,
+                                               retry_after=exc.retry_after, rng=self._rng))
+
+    def _rate_limited(self, task: Task, exc: RateLimited, delay: float | None) -> bool:
+        tries = self._tries_of(task)
+        now = asyncio.get_running_loop().time()
+        if tries.first_429 is None:
+            tries.first_429 = now
+        elif now - tries.first_429 > self.rate_limit_wait:
+            self._give_up(task, f"still rate-limited after {now - tries.first_429:.0f}s "
+                                f"(ASYNCRAFT_RATE_LIMIT_WAIT): {exc}")
+            return True
+        if delay is None:
+            delay = backoff(1, base=self.backoff_base, cap=self.backoff_max, rng=self._rng)
+        return self._retry_later(task, delay)
+
+    def _tries_of(self, task: Task) -> _Tries:
+        key = id_key(task.id)
+        tries = self._tries.get(key)
+        if tries is None:
+            tries = self._tries[key] = _Tries()
+        return tries
+
+    def _retry_later(self, task: Task, delay: float) -> bool:
+        if self.stopping is not None:
+            return True  # not tried again in this run; it runs on the next start
+        self.stats.retries += 1
+        key = id_key(task.id)
+        handle = asyncio.get_running_loop().call_later(delay, self._retry_due, key)
+        self._later[key] = (handle, task)
+        return False
+
+    def _retry_due(self, key: int) -> None:
+        _, task = self._later.pop(key)
+        self._due.append(task)
+        self._wake.set()
+
+    def _give_up(self, task: Task, why: str) -> None:
+        self.stats.gave_up += 1
+        # One line, not one per task: a server failing for everyone would flood the log.
+        (log.warning if self.stats.gave_up == 1 else log.debug)(
+            "leaving %s for the next run %s", task.id[:12], why)
+
+    async def _refused(self, task: Task, exc: ProviderError) -> bool:
+        """A request the server refuses (400). Before anything succeeded, refusals of one kind are held
+        back: they may say the configuration is wrong (an unknown model), not the requests."""
+        if self.stopping is not None:
+            return True  # not recorded: it is asked again on the next start
+        if self._proven:
+            await self._record_fail(task, exc)
+            return True
+        kind = failure_kind(exc)
+        if self._held and kind != self._held_kind:
+            # Refusals that differ are the requests' own, each for its reason.
+            await self._proved()
+            await self._record_fail(task, exc)
+            return True
+        self._held_kind = kind
+        self._held.append((task, exc))
+        if len(self._held) >= self._hold_limit:
+            self._stop_held()
+        self._wake.set()  # the feeder stops the run if these refusals are all that is left
+        return False
+
+    def _stop_held(self) -> None:
+        held, self._held = self._held, []
+        for task, _ in held:
+            self._release(task)
+        exc = held[0][1]
+        self.fatal_error(ProviderError(
+            f"the first {len(held)} request(s) were all refused the same way and none succeeded, so no task "
+            f"was recorded as failed: {exc}", status=exc.status, code=exc.code))
+
+    async def _proved(self) -> None:
+        """Something succeeded (or the refusals differ): the refusals held back are ordinary failures."""
+        self._proven = True
+        if self._unreachable is not None:
+            self._unreachable.cancel()
+        held, self._held = self._held, []
+        for i, (task, exc) in enumerate(held):
+            try:
+                await self._record_fail(task, exc)
+            except BaseException:
+                for later, _ in held[i:]:
+                    self._release(later)
+                raise
+            self._release(task)
+
+    def _unreachable_over(self, exc: ProviderError) -> None:
+        if not self._proven and self._last_unreachable:
+            self.fatal_error(ProviderError(f"nothing answers after {UNREACHABLE_STOP:g}s: {exc}"))
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -559,7 +589,11 @@ class Scheduler:
     async def _record_fail(self, task: Task, exc: ProviderError) -> None:
         error = {"type": type(exc).__name__, "status": exc.status, "code": exc.code,
                  "message": scrub(str(exc), self._key)}
-        await self._append_problem({"k": "fail", "id": task.id, "stage": task.stage, **task.meta, "error": error})
+        rec: dict[str, Any] = {"k": "fail", "id": task.id, "stage": task.stage, **task.meta, "error": error}
+        if exc.body is not None:
+            # What the server answered, as it answered it (export --format batch shows it).
+            rec["response"] = {"status_code": exc.status, "request_id": exc.request_id, "body": exc.body}
+        await self._append_problem(rec)
         self.failed.add(id_key(task.id))
         self.stats.failed += 1
 

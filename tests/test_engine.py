@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from tests.conftest import cli_env, run_cli, write_prompts
-from tests.helpers import ROOT, SimProcess, task_states
+from tests.helpers import ROOT, task_states
 
 KEY = "test-SECRETKEY-not-a-real-key-0123456789"  # the key cli_env() gives every run
 
@@ -49,23 +49,29 @@ def durable_ids(state: Path) -> set[int]:
 # -- provider failures -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("stall", "total"), [("0.3", "600"), ("600", "0.3")], ids=["stall", "request-timeout"])
-def test_hung_calls_are_cancelled_by_the_watchdog_and_retried(sim_factory: Any, tmp_path: Path, stall: str,
-                                                              total: str) -> None:
-    """Either limit ends a hung call: no heartbeat for ASYNCRAFT_STALL_TIMEOUT, or no answer within
-    ASYNCRAFT_REQUEST_TIMEOUT (the other one set far beyond the test's own timeout)."""
-    sim = sim_factory("--p-hang", "0.25", "--seed", "5")
+@pytest.mark.parametrize(("fault", "stall", "total", "message"), [
+    ("--p-stall", "0.3", "10", "call stalled: no byte"),
+    ("--p-hang", "600", "0.5", "ASYNCRAFT_REQUEST_TIMEOUT"),
+], ids=["stream-stops", "no-answer"])
+def test_hung_calls_are_cancelled_and_retried(sim_factory: Any, tmp_path: Path, fault: str, stall: str, total: str,
+                                              message: str) -> None:
+    """A stream that stops sending is ended after ASYNCRAFT_STALL_TIMEOUT without a byte; a call that
+    never answers at all is ended by ASYNCRAFT_REQUEST_TIMEOUT (the other limit set out of reach)."""
+    sim = sim_factory(fault, "0.25", "--seed", "5")
     inp = tmp_path / "in.jsonl"
     write_prompts(inp, 40)
-    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="8", ASYNCRAFT_STALL_TIMEOUT=stall, ASYNCRAFT_REQUEST_TIMEOUT=total)
-    res = run_job(inp, tmp_path / "state", env, timeout=60)
+    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="8", ASYNCRAFT_STALL_TIMEOUT=stall, ASYNCRAFT_REQUEST_TIMEOUT=total,
+                  ASYNCRAFT_MAX_RETRIES="20")
+    res = run_job(inp, tmp_path / "state", env, timeout=90)
     assert res.returncode == 0, res.stderr
     st = sim.stats()
-    assert st["faults"].get("hang", 0) >= 3, st  # the server really held connections open
+    hung = st["faults"].get("stall", 0) + st["faults"].get("hang", 0)
+    assert hung >= 3, st  # the server really held connections open
     rows = export_rows(tmp_path / "state", env, tmp_path / "out.jsonl")
     assert [r["status"] for r in rows] == ["ok"] * 40
     status = orjson.loads((tmp_path / "state" / "status.json").read_bytes())
-    assert status["calls"].get("ProviderTimeout", 0) >= st["faults"]["hang"]
+    assert status["calls"].get("ProviderTimeout", 0) >= hung - 1
+    assert message in status["last_error"] or message in res.stderr or status["calls"].get("ProviderTimeout")
 
 
 def test_429_storm_with_retry_after_finishes_and_pays_each_call_once(sim_factory: Any, tmp_path: Path) -> None:
@@ -81,25 +87,26 @@ def test_429_storm_with_retry_after_finishes_and_pays_each_call_once(sim_factory
     assert [r["status"] for r in export_rows(tmp_path / "state", env, tmp_path / "o.jsonl")] == ["ok"] * 60
 
 
-def test_server_rate_limit_headers_are_followed(sim_factory: Any, tmp_path: Path) -> None:
-    """No client limit configured: the client adopts the server's x-ratelimit limit after the first answer."""
-    sim = sim_factory("--rpm", "1200")  # 20 requests/s, enforced per second
+@pytest.mark.parametrize("style", ["openai", "litellm"])
+def test_server_rate_limit_headers_are_followed(sim_factory: Any, tmp_path: Path, style: str) -> None:
+    """No client limit configured: the client paces to the limit of the server's headers (OpenAI's
+    x-ratelimit-* or LiteLLM's x-ratelimit-api_key-*), from the first answers on."""
+    sim = sim_factory("--rpm", "1200", "--limit-headers", style)  # 20 requests/s, enforced per second
     inp = tmp_path / "in.jsonl"
     write_prompts(inp, 60)
-    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="30", ASYNCRAFT_MAX_RETRIES="50")
+    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="30")
     res = run_job(inp, tmp_path / "state", env)
     assert res.returncode == 0, res.stderr
     assert "server allows 1200 requests/min" in res.stderr
     st = sim.stats()
-    # The first burst (sent before any header was seen) may overshoot; after that the pacing holds.
-    assert st["by_status"].get("429", 0) <= 30, st
-    assert st["paid"] == 60
+    assert st["by_status"].get("429", 0) <= 1, st
+    assert st["paid"] == 60 and st["started"] == 60
 
 
 @pytest.mark.parametrize(("sim_args", "env_extra", "expect"), [
     (("--api-key", "the-right-key"), {}, "HTTP 401"),
-    (("--models", "sim-1"), {"ASYNCRAFT_MODEL": "no-such-model"}, "model_not_found"),
-])
+    (("--models", "sim-1"), {"ASYNCRAFT_MODEL": "no-such-model", "ASYNCRAFT_MODEL_CHECK": "off"}, "model_not_found"),
+], ids=["wrong-key", "unknown-model-404"])
 def test_fatal_errors_stop_at_once_with_exit_75_and_resume(sim_factory: Any, tmp_path: Path,
                                                            sim_args: tuple[str, ...], env_extra: dict[str, str],
                                                            expect: str) -> None:
@@ -110,9 +117,10 @@ def test_fatal_errors_stop_at_once_with_exit_75_and_resume(sim_factory: Any, tmp
     res = run_job(inp, tmp_path / "state", env)
     assert res.returncode == 75, res.stderr
     assert expect in res.stderr and "run the same command again" in res.stderr
+    assert res.stderr.count(expect) == 1, res.stderr  # the server's message, once
     assert sim.stats()["requests"] <= 4, "retries were burnt on a fatal error"
     assert KEY not in res.stderr
-    # Fix the cause, run the same command: it finishes.
+    # Fix the cause, run the same command: it finishes, without --allow-config-change.
     sim.reconfigure(api_key="", models="")
     res = run_job(inp, tmp_path / "state", cli_env(sim, ASYNCRAFT_CONCURRENCY="4"))
     assert res.returncode == 0, res.stderr
@@ -216,10 +224,11 @@ def test_malformed_input_lines_are_recorded_with_line_numbers(sim_factory: Any, 
     assert res.returncode == 0, res.stderr
     errors = [orjson.loads(x) for x in (tmp_path / "state" / "errors.jsonl").read_bytes().splitlines()]
     assert [e["line"] for e in errors] == [2, 3, 4, 5]
-    assert "not valid JSON" in errors[0]["msg"] and "/v1/embeddings" in errors[3]["msg"]
+    # Line 5 is an embeddings request with a chat body: no "input".
+    assert "not valid JSON" in errors[0]["msg"] and '"input"' in errors[3]["msg"]
     rows = export_rows(tmp_path / "state", env, tmp_path / "o.jsonl")
     assert [(r["line"], r["status"]) for r in rows] == [(1, "ok"), (2, "invalid"), (3, "invalid"), (4, "invalid"),
-                                                        (5, "invalid"), (7, "ok")]
+                                                        (5, "invalid"), (6, "blank"), (7, "ok")]
     status = run_cli("status", "--state-dir", str(tmp_path / "state"), "--json", env=env)
     st = orjson.loads(status.stdout)
     assert (st["total"], st["done"], st["failed"], st["pending"], st["input_problems"]) == (2, 2, 0, 0, 4)
@@ -249,7 +258,7 @@ def test_identical_requests_are_paid_once_and_a_rerun_pays_nothing(sim_factory: 
 
 
 def test_another_model_is_refused_unless_asked_for(sim_factory: Any, tmp_path: Path) -> None:
-    sim = sim_factory()
+    sim = sim_factory("--models", "sim-1,sim-2")
     inp = tmp_path / "in.jsonl"
     write_prompts(inp, 5)
     state = tmp_path / "state"
@@ -430,8 +439,9 @@ def test_the_api_key_is_written_nowhere(sim_factory: Any, tmp_path: Path) -> Non
         assert KEY not in text
 
 
-def test_openai_sdk_works_against_the_simulator(sim: SimProcess) -> None:
+def test_openai_sdk_works_against_the_simulator(sim_factory: Any) -> None:
     openai = pytest.importorskip("openai")
+    sim = sim_factory("--models", "sim-1,sim-embed")
     client = openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0)
     try:
         r = client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
