@@ -84,7 +84,9 @@ def format_status(st: dict[str, Any]) -> str:
                           "sets the damage aside and redoes the lost tasks"])
     total = st.get("total")
     lines = [
-        f"state dir   {st.get('state_dir')}  ({'running' if st.get('running') else 'not running'})",
+        f"state dir   {st.get('state_dir')}" + ("" if st.get("owner") else  # a state URL: the owner line says it
+                                                f"  ({'running' if st.get('running') else 'not running'})"),
+        *([f"owner       {st['owner']}"] if st.get("owner") else []),
         f"job         {st.get('job')}",
         f"tasks       {st.get('done')} done, {st.get('failed')} failed, "
         + (f"{st.get('pending')} pending of {total}" if total is not None else "total not known yet "

@@ -66,12 +66,51 @@ class Sim:
         self.proc.wait()
 
 
+def input_line(i: int, tag: str = "") -> bytes:
+    return orjson.dumps({"custom_id": f"r{i}", "body": {
+        "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
+        "max_tokens": 16}}) + b"\n"
+
+
+def asyncraft_run(base_url: str, inp: Path, state: Path, concurrency: int, **flags: str) -> float:
+    shutil.rmtree(state, ignore_errors=True)
+    n = sum(1 for _ in open(inp, "rb"))
+    settings = config.load("run", {"input": str(inp), "state_dir": str(state), "base_url": base_url,
+                                   "model": "sim-1", "concurrency": str(concurrency), "job": "prompts",
+                                   "progress_interval": "1000", **flags}, env={"ASYNCRAFT_API_KEY": "bench"})
+    t0 = time.perf_counter()
+    code = asyncio.run(app.main(settings))
+    elapsed = time.perf_counter() - t0
+    assert code == 0, code
+    return n / elapsed
+
+
+# Runs a module (or a script) as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at
+# exit. getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so a child
+# of this (large) benchmark process would report the parent's peak.
+PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def _report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
+                fh.write(line.split()[1])
+atexit.register(_report)
+module = sys.argv[1]
+sys.argv = sys.argv[1:]
+if module == "-":
+    import asyncraft.app
+elif module.endswith(".py"):
+    runpy.run_path(module, run_name="__main__")
+else:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
 def write_input(path: Path, n: int, tag: str = "") -> None:
     with open(path, "wb") as fh:
         for i in range(n):
-            fh.write(orjson.dumps({"custom_id": f"r{i}", "body": {
-                "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
-                "max_tokens": 16}}) + b"\n")
+            fh.write(input_line(i, tag))
 
 
 def bodies_of(path: Path) -> list[dict[str, Any]]:
@@ -223,7 +262,7 @@ class InstantPool:
         return Completion({"content": "An instant answer."}, "stop", {"prompt_tokens": 12, "completion_tokens": 4},
                           body.get("model"))
 
-    embed = chat
+    embed = complete = chat
 
     def describe(self) -> list[dict[str, Any]]:
         return []
@@ -247,40 +286,15 @@ def bench_overhead(ns: argparse.Namespace) -> None:
 def in_process_cpu(inp: Path, state: Path, concurrency: int, n: int) -> float:
     """Microseconds of this process's CPU per task for one whole run in this process (every thread counts:
     the journal's and the feeder's too)."""
-    shutil.rmtree(state, ignore_errors=True)
-    settings = config.load("run", {"input": str(inp), "state_dir": str(state), "base_url": "http://127.0.0.1:9/v1",
-                                   "model": "sim-1", "concurrency": str(concurrency), "job": "prompts",
-                                   "progress": "off", "model_check": "off"}, env={"ASYNCRAFT_API_KEY": "bench"})
     c0 = time.process_time()
-    code = asyncio.run(app.main(settings))
-    assert code == 0, code
+    asyncraft_run("http://127.0.0.1:9/v1", inp, state, concurrency, progress="off", model_check="off")
     return (time.process_time() - c0) / n * 1e6
-
-
-# Runs a module as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at exit.
-# getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so
-# a child of this (large) benchmark process would report the parent's peak.
-_PEAK_WRAPPER = """
-import atexit, os, runpy, sys
-def _report():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
-                fh.write(line.split()[1])
-atexit.register(_report)
-module = sys.argv[1]
-sys.argv = sys.argv[1:]
-if module != "-":
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-else:
-    import asyncraft.app
-"""
 
 
 def peak_rss_mb(args: list[str], env: dict[str, str], tmp: Path) -> float:
     """Peak RSS of ``python -m <args>`` (``args[0]`` = "-": just import asyncraft.app)."""
     peak_file = tmp / "peak"
-    subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
+    subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
                    cwd=ROOT, check=True)
     return int(peak_file.read_text()) / 1024
 
