@@ -50,9 +50,10 @@ def durable_ids(state: Path) -> set[int]:
 
 
 @pytest.mark.parametrize(("fault", "stall", "total", "message"), [
-    pytest.param("--p-stall", "0.3", "10", "call stalled: no byte", marks=pytest.mark.slow),
+    ("--p-stall", "0.3", "10", "call stalled: no byte"),
     ("--p-hang", "600", "0.5", "ASYNCRAFT_REQUEST_TIMEOUT"),
 ], ids=["stream-stops", "no-answer"])
+@pytest.mark.slow
 def test_hung_calls_are_cancelled_and_retried(sim_factory: Any, tmp_path: Path, fault: str, stall: str, total: str,
                                               message: str) -> None:
     """A stream that stops sending is ended after ASYNCRAFT_STALL_TIMEOUT without a byte; a call that
@@ -107,9 +108,9 @@ def test_server_rate_limit_headers_are_followed(sim_factory: Any, tmp_path: Path
 
 @pytest.mark.parametrize(("sim_args", "env_extra", "expect"), [
     (("--api-key", "the-right-key"), {}, "HTTP 401"),
-    pytest.param(("--models", "sim-1"), {"ASYNCRAFT_MODEL": "no-such-model", "ASYNCRAFT_MODEL_CHECK": "off"},
-                 "model_not_found", marks=pytest.mark.slow),
+    (("--models", "sim-1"), {"ASYNCRAFT_MODEL": "no-such-model", "ASYNCRAFT_MODEL_CHECK": "off"}, "model_not_found"),
 ], ids=["wrong-key", "unknown-model-404"])
+@pytest.mark.slow
 def test_fatal_errors_stop_at_once_with_exit_75_and_resume(sim_factory: Any, tmp_path: Path,
                                                            sim_args: tuple[str, ...], env_extra: dict[str, str],
                                                            expect: str) -> None:
@@ -213,6 +214,7 @@ def test_concurrency_cap_holds(sim_factory: Any, tmp_path: Path) -> None:
 # -- input --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_malformed_input_lines_are_recorded_with_line_numbers(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory()
     inp = tmp_path / "in.jsonl"
@@ -241,6 +243,7 @@ def test_malformed_input_lines_are_recorded_with_line_numbers(sim_factory: Any, 
     assert (st["total"], st["done"], st["failed"], st["pending"], st["input_problems"]) == (2, 2, 0, 0, 4)
 
 
+@pytest.mark.slow
 def test_identical_requests_are_paid_once_and_a_rerun_pays_nothing(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory()
     inp = tmp_path / "in.jsonl"
