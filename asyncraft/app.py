@@ -219,9 +219,16 @@ class Runner:
         s = self.settings
         limits = RateController(s.rpm, s.tpm, concurrency=s.concurrency)
         tally = StageTally()
+        job_commit: Callable[[list[dict[str, Any]]], None] | None = getattr(job, "on_commit", None)
+
+        def on_commit(batch: list[dict[str, Any]]) -> None:
+            tally.on_commit(batch)
+            if job_commit is not None:
+                job_commit(batch)  # the job's own counts (RAFT's totals per stage)
+
         journal = Journal(self.sd, recovered, fs=self.fs, fsync=s.fsync, fsync_interval=s.fsync_interval,
                           segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
-                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=tally.on_commit)
+                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=on_commit)
         self.journal = journal
         metrics = Metrics() if s.metrics_port is not None else None
         pool = EndpointPool(s.base_url, api_key=s.api_key, api_type=s.resolved_api_type(),
@@ -264,6 +271,7 @@ class Runner:
                 await sched.run()
             tracking.cancel()
             await self._record_input_position(job, journal)
+            await sched.record_totals()  # what is left, for `status` of the stopped state dir
         except* JournalError:
             # The writer failed (or a record could not be handed to it): the workers and the feeder saw the same
             # error. The journal's error decides the exit status below.
@@ -330,10 +338,13 @@ class Runner:
         return EXIT_OK
 
     async def _track_input(self, job: Job, journal: Journal) -> None:
-        """Record every few seconds how far the input is fully handled, so a resume can start reading there."""
+        """Record every few seconds how far the input is fully handled, so a resume can start reading there,
+        and the job's size when it changed."""
         while True:
             await asyncio.sleep(INPUT_POSITION_INTERVAL)
             await self._record_input_position(job, journal)
+            if self.scheduler is not None:
+                await self.scheduler.record_totals()  # after a kill, `status` knows what was left
 
     async def _record_input_position(self, job: Job, journal: Journal) -> None:
         tracker = getattr(job, "tracker", None)

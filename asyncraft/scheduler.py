@@ -108,8 +108,14 @@ class Scheduler:
         self._stop_event = asyncio.Event()
         self.stopping: str | None = None  # why we stop early, if we do
         self.fatal: BaseException | None = None
-        self.input_total: int | None = None
+        self.input_total: int | None = None  # the input's tasks, exactly, once it has been read to the end
         self.input_read = False
+        # Optional job hooks for the size of the job before it has been read: a count of the input made on a
+        # thread at start, and the tasks expected per stage from it.
+        self._job_count: Callable[[], object] | None = getattr(job, "count_input", None)
+        self._job_totals: Callable[[int | None], dict[str, dict[str, int]] | None] | None = getattr(
+            job, "totals", None)
+        self._totals_recorded: dict[str, Any] | None = None
         self.stats = Stats()
         self._rng = random.Random()
         # Fail fast: until something succeeds, refusals of one kind are held back, not recorded. Results
@@ -186,7 +192,52 @@ class Scheduler:
         async with asyncio.TaskGroup() as tg:
             for i in range(self.concurrency):
                 tg.create_task(self._worker(), name=f"worker-{i}")
-            tg.create_task(self._feed(), name="feeder")
+            feeder = tg.create_task(self._feed(), name="feeder")
+            if self._job_count is not None:
+                counting = tg.create_task(self._count(), name="input-count")
+                # The count only informs the progress display: a run that ends sooner does not wait for it.
+                feeder.add_done_callback(lambda _: counting.cancel())
+
+    # -- the size of the job -----------------------------------------------------------------------------
+
+    async def _count(self) -> None:
+        assert self._job_count is not None
+        try:
+            await asyncio.to_thread(self._job_count)
+        except OSError as exc:
+            log.warning("could not count the input ahead (%s); its size is known once it has been read", exc)
+            return
+        await self.record_totals()
+
+    def expected(self) -> tuple[int | None, dict[str, dict[str, int]]]:
+        """The job's tasks in all (done, failed and pending; None while unknown) and per stage. Before the
+        input has been read, the job's count of it stands in; the figure never falls below what is settled."""
+        total = self.input_total
+        stages: dict[str, dict[str, int]] = {}
+        if self._job_totals is not None:
+            # A job that knows its size is the only judge of it: the tasks found in its input are not all
+            # its tasks when finished tasks make more (RAFT's questions and answers).
+            stages = self._job_totals(self.input_total) or {}
+            total = sum(v["total"] for v in stages.values()) if stages else None
+        if self.complete:
+            # Finished: what settled is the job, whatever the count at start expected (a document that
+            # changed, fewer questions than asked for).
+            stages = {name: {**v, "total": v["done"] + v["failed"]} if "done" in v else v
+                      for name, v in stages.items()}
+            return len(self.done) + len(self.failed), stages
+        if total is not None:
+            total = max(total, len(self.done) + len(self.failed))
+        return total, stages
+
+    async def record_totals(self) -> None:
+        """Journal the job's size when it changed, so that ``status`` of a stopped state dir knows what is left."""
+        total, stages = self.expected()
+        if total is None or self.journal.error is not None or self.journal.closed:
+            return
+        rec = {"k": "totals", "total": total, "stages": stages, "read": self.input_read}
+        if rec != self._totals_recorded:
+            self._totals_recorded = rec
+            await self.journal.append({**rec, "t": time.time()})
 
     def tokens_used(self) -> tuple[int, int]:
         """(prompt, completion) tokens of the whole state dir so far."""
@@ -277,13 +328,16 @@ class Scheduler:
     async def _input_finished(self, lines_ok: int) -> None:
         self.input_read = True
         self.scans += 1
-        # Every unique task of the input is now done, failed, or queued/in flight.
-        total = len(self.done) + len(self.failed) + self.active
+        # Every unique task of the input is now done, failed, or queued/in flight. A task whose record is
+        # committed but whose worker has not yet been told is both done and active: counted once.
+        unsettled = sum(1 for key in self._queued if key not in self.done and key not in self.failed)
+        total = len(self.done) + len(self.failed) + unsettled
         if total == self.input_total and self.scans > 1:
             return  # a watch-mode rescan that found nothing new: nothing to journal
         self.input_total = total
         await self.journal.append({"k": "input", "total": self.input_total, "task_lines": lines_ok,
                                    "problems": self.stats.input_problems, "t": time.time()})
+        await self.record_totals()
 
     async def _enqueue(self, task: Task) -> None:
         key = id_key(task.id)

@@ -55,10 +55,15 @@ def status(sd: StateDir, budget: Budget | None = None) -> dict[str, Any]:
         return {"state_dir": str(sd.root), "job": (view.meta or {}).get("job"), "running": live,
                 "damaged": [str(f) for f in view.damage] or [str(exc)]}
     meta = rec.view.meta or {}
-    total = rec.last_input.get("total") if rec.last_input else None
+    # The job's size as the run last journaled it (at the count at start, every few seconds, at the end),
+    # else as of the last time its input was read to the end (a state dir of an older version).
+    sized = rec.latest.get("totals") or rec.last_input or {}
+    total = sized.get("total")
     done, failed = rec.tasks.n_done, rec.tasks.n_failed
     if total is not None:
         total = max(total, done + failed)
+    stages = {name: {**v, "pending": max(v["total"] - v.get("done", 0) - v.get("failed", 0), 0)}
+              for name, v in (sized.get("stages") or {}).items() if "done" in v}
     counters = rec.counters
     return {
         "state_dir": str(sd.root), "job": meta.get("job"), "running": live,
@@ -67,7 +72,7 @@ def status(sd: StateDir, budget: Budget | None = None) -> dict[str, Any]:
         "input_problems": rec.tasks.n_ierr, "calls": counters.get("calls", 0),
         "prompt_tokens": counters.get("prompt_tokens", 0),
         "completion_tokens": counters.get("completion_tokens", 0),
-        "journal_seq": rec.next_seq - 1, "input_read": rec.last_input is not None,
+        "journal_seq": rec.next_seq - 1, "input_read": rec.last_input is not None, "stages": stages,
         "cost": (round(budget.cost(counters.get("prompt_tokens", 0), counters.get("completion_tokens", 0)),
                        6) if budget is not None and priced else None),
         "damaged": [str(f) for f in rec.view.damage],
@@ -101,6 +106,10 @@ def format_status(st: dict[str, Any]) -> str:
                                                           if projected is not None else ""))
     else:
         lines.append("cost        no estimate: set ASYNCRAFT_PRICE_INPUT_PER_M and ASYNCRAFT_PRICE_OUTPUT_PER_M")
+    if not st.get("running"):
+        for name, stage in (st.get("stages") or {}).items():
+            lines.append(f"  {name:<10}{stage.get('done', 0)} done, {stage.get('failed', 0)} failed, "
+                         f"{stage.get('pending', 0)} pending of {stage.get('total')}")
     if st.get("running"):
         eta = st.get("eta_s")
         lines.append(f"live        {st.get('in_flight', 0)} in flight, {st.get('rate_per_s', 0)}/s"
@@ -108,12 +117,14 @@ def format_status(st: dict[str, Any]) -> str:
                      + (", cooling down after 429" if st.get("cooling_down") else "")
                      + (f", stopping: {st['stopping']}" if st.get("stopping") else ""))
         for name, stage in (st.get("stages") or {}).items():
-            lines.append(f"  {name:<10}{stage.get('done', 0)} done, {stage.get('failed', 0)} failed, "
+            of = (f"{stage['done_all'] + stage.get('failed_all', 0)} of {stage['total']} settled; "
+                  if stage.get("total") is not None and "done_all" in stage else "")
+            lines.append(f"  {name:<10}{of}{stage.get('done', 0)} done, {stage.get('failed', 0)} failed, "
                          f"{stage.get('in_flight', 0)} in flight this run; tokens {stage.get('prompt_tokens', 0)}+"
                          f"{stage.get('completion_tokens', 0)}")
         if st.get("metrics_url"):
             lines.append(f"metrics     {st['metrics_url']}/metrics")
-    return "\n".join(lines)
+    return "\n".join(safe(line) for line in lines)  # a stop reason may quote a server
 
 
 # -- tail ------------------------------------------------------------------------------------------

@@ -30,12 +30,22 @@ from asyncraft.records import content_id, id_key
 
 log = logging.getLogger("asyncraft")
 
-log = logging.getLogger("asyncraft")
-
 STAGE = "prompts"
 UTF8_BOM = b"\xef\xbb\xbf"
 _DROP = ("stream", "stream_options")  # the engine reads whole responses
 MAX_LINE_EXCERPT = 200
+COUNT_BLOCK = 8 << 20  # bytes per read when counting lines: large blocks keep the count at memory speed
+
+
+def count_lines(path: Path) -> int:
+    """The lines of a file (a last line without a newline counts), counted in big binary blocks."""
+    lines = 0
+    last = b"\n"
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(COUNT_BLOCK):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +100,21 @@ class PromptsJob:
         self._start: InputPosition | None = None
         self.tracker: InputTracker | None = None
         self._unbounded_warned = False
+        self.lines: int | None = None  # counted at start (count_input), for the total before the input is read
+        self.not_tasks = 0  # blank and invalid lines read so far: lines that are no task
+
+    def count_input(self) -> None:
+        """Count the input's lines (the scheduler runs this on a thread at start)."""
+        self.lines = count_lines(self.input_path)
+
+    def totals(self, read: int | None) -> dict[str, dict[str, int]] | None:
+        """Tasks in all: exact once the scheduler has read the input (``read``), before that the counted lines
+        less those read that hold no task (repeated lines still count: they are found out only as they are read)."""
+        if read is not None:
+            return {STAGE: {"total": read}}
+        if self.lines is None:
+            return None
+        return {STAGE: {"total": max(self.lines - self.not_tasks, 0)}}
 
     def fingerprint(self) -> dict[str, Any]:
         return {"job": self.name, "model": self.model, "extra_body": self.extra_body}
@@ -99,6 +124,7 @@ class PromptsJob:
         start, self._start = self._start, None
         offset, lineno, crc = (start.offset, start.line, start.crc) if start else (0, 0, 0)
         tracker = self.tracker
+        self.not_tasks = 0
         with open(self.input_path, "rb") as fh:
             if offset:
                 fh.seek(offset)
@@ -110,10 +136,13 @@ class PromptsJob:
                 if lineno == 1 and raw.startswith(UTF8_BOM):
                     raw = raw[len(UTF8_BOM) :]  # written by some editors and Windows tools; not part of the JSON
                 if not raw.strip():
+                    self.not_tasks += 1
                     if tracker is not None:
                         tracker.add(lineno, offset, crc, None, False)
                     continue
                 item = self.parse_line(lineno, raw)
+                if isinstance(item, InputProblem):
+                    self.not_tasks += 1
                 if tracker is not None:
                     if isinstance(item, InputProblem):
                         tracker.add(lineno, offset, crc, id_key(problem_id(item.key)), True)
