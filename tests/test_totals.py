@@ -16,7 +16,7 @@ from asyncraft.jobs.base import Task
 from asyncraft.jobs.prompts import PromptsJob, count_lines
 from asyncraft.jobs.raft import STAGE_ANSWERS, STAGE_QUESTIONS, RaftJob, RaftParams
 from asyncraft.limits import RateController
-from asyncraft.progress import RunView, StageTally, format_line
+from asyncraft.progress import RunView, format_line
 from asyncraft.provider import Completion
 from asyncraft.scheduler import Scheduler
 from asyncraft.storage.recover import Recovery
@@ -59,9 +59,10 @@ class CommitJournal(MemoryJournal):
         return next((r for r in reversed(self.records) if r["k"] == kind), None)
 
     async def wait_for(self, kind: str) -> dict[str, Any]:
-        while (rec := self.last(kind)) is None:
-            self.appended.clear()
-            await self.appended.wait()
+        async with asyncio.timeout(10):
+            while (rec := self.last(kind)) is None:
+                self.appended.clear()
+                await self.appended.wait()
         return rec
 
 
