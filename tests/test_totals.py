@@ -4,6 +4,8 @@ read, RAFT's totals per stage. In-process, with a scripted provider, an in-memor
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from asyncraft.provider import Completion
 from asyncraft.scheduler import Scheduler
 from asyncraft.storage.recover import Recovery
 from asyncraft.storage.tasks import TaskStates
+from tests.conftest import cli_env, run_cli, write_prompts
+from tests.helpers import ROOT, SimProcess, journal_records, wait_until
 from tests.test_scheduler import MemoryJournal, ok
 
 
@@ -228,3 +232,73 @@ async def test_raft_never_shows_finished_before_its_last_stage_is(tmp_path: Path
     # Unknown (None) while the count at start runs is honest; a total reached before the end is not.
     assert all(total is None or settled < total or settled == tasks for settled, total in seen), seen
     assert sched.expected()[1][STAGE_ANSWERS] == {"total": 3 * chunks, "done": 3 * chunks, "failed": 0}
+
+
+# -- the real CLI: status of a stopped state dir ---------------------------------------------------------
+
+
+def _status(state: Path, env: dict[str, str]) -> dict[str, Any]:
+    res = run_cli("status", "--state-dir", str(state), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    return orjson.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def _progress(stderr: str) -> list[dict[str, Any]]:
+    events = (orjson.loads(x) for x in stderr.splitlines() if x.startswith("{"))
+    return [e for e in events if e.get("event") == "progress"]
+
+
+@pytest.mark.slow
+def test_progress_and_status_agree_from_the_first_line_to_after_a_stop(sim_factory: Any, tmp_path: Path) -> None:
+    sim: SimProcess = sim_factory("--latency-ms", "200")
+    inp, state = tmp_path / "in.jsonl", tmp_path / "state"
+    write_prompts(inp, 300)
+    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="8", ASYNCRAFT_LOG_FORMAT="json", ASYNCRAFT_PROGRESS="lines",
+                  ASYNCRAFT_PROGRESS_INTERVAL="0.2")
+    proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", "--input", str(inp), "--state-dir",
+                             str(state)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wait_until(lambda: sim.stats()["requests"] >= 24, what="three rounds of calls")
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    lines = _progress(err)
+    assert lines and all(p["total"] == 300 for p in lines), lines  # the total from the first line on
+    st = _status(state, env)
+    final = orjson.loads((state / "status.json").read_bytes())  # the run's last snapshot, written as it stopped
+    assert not st["running"] and st["total"] == final["total"] == 300
+    assert (st["done"], st["failed"], st["pending"]) == (final["done"], final["failed"], final["pending"])
+    assert 0 < st["pending"] == 300 - st["done"] - st["failed"] < 300
+    assert st["stages"] == {}  # one stage: the totals are the job's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["prompts", "raft"])
+def test_status_after_a_kill_knows_the_total_and_what_is_pending(job: str, sim_factory: Any, tmp_path: Path) -> None:
+    sim: SimProcess = sim_factory("--latency-ms", "300")
+    state = tmp_path / "state"
+    if job == "prompts":
+        inp = tmp_path / "in.jsonl"
+        write_prompts(inp, 200)
+        args = ("--input", str(inp))
+    else:
+        args = ("--job", "raft", "--questions", "3", "--chunk-size", "64", "--input",
+                str(ROOT / "asyncraft" / "data" / "docs"))
+    env = cli_env(sim, ASYNCRAFT_CONCURRENCY="8")
+    proc = subprocess.Popen([sys.executable, "-m", "asyncraft", "run", *args, "--state-dir", str(state)], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: any(r["k"] == "totals" for r in journal_records(state)) and sim.stats()["requests"] >= 24,
+                   what="the job's size on disk and some calls")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    st = _status(state, env)
+    assert st["total"] is not None and st["pending"] == st["total"] - st["done"] - st["failed"] > 0, st
+    if job == "prompts":
+        assert st["total"] == 200
+    else:
+        stages = st["stages"]
+        assert set(stages) == {"questions", "answers"} and stages["answers"]["pending"] > 0, stages
+        assert sum(s["total"] for s in stages.values()) == st["total"]
+        assert stages["answers"]["total"] >= 3 * (stages["questions"]["total"] - stages["questions"]["failed"]) - 3
