@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import random
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -112,7 +113,7 @@ class Scheduler:
         self.input_read = False
         # Optional job hooks for the size of the job before it has been read: a count of the input made on a
         # thread at start, and the tasks expected per stage from it.
-        self._job_count: Callable[[], object] | None = getattr(job, "count_input", None)
+        self._job_count: Callable[[threading.Event], object] | None = getattr(job, "count_input", None)
         self._job_totals: Callable[[int | None], dict[str, dict[str, int]] | None] | None = getattr(
             job, "totals", None)
         self._totals_recorded: dict[str, Any] | None = None
@@ -194,16 +195,19 @@ class Scheduler:
                 tg.create_task(self._worker(), name=f"worker-{i}")
             feeder = tg.create_task(self._feed(), name="feeder")
             if self._job_count is not None:
-                counting = tg.create_task(self._count(), name="input-count")
-                # The count only informs the progress display: a run that ends sooner does not wait for it.
+                stop = threading.Event()
+                counting = tg.create_task(self._count(stop), name="input-count")
+                # The count only informs the progress display: a run that ends sooner does not wait for it (its
+                # thread stops at the next block or document).
+                feeder.add_done_callback(lambda _: stop.set())
                 feeder.add_done_callback(lambda _: counting.cancel())
 
     # -- the size of the job -----------------------------------------------------------------------------
 
-    async def _count(self) -> None:
+    async def _count(self, stop: threading.Event) -> None:
         assert self._job_count is not None
         try:
-            await asyncio.to_thread(self._job_count)
+            await asyncio.to_thread(self._job_count, stop)
         except OSError as exc:
             log.warning("could not count the input ahead (%s); its size is known once it has been read", exc)
             return
@@ -234,7 +238,8 @@ class Scheduler:
         total, stages = self.expected()
         if total is None or self.journal.error is not None or self.journal.closed:
             return
-        rec = {"k": "totals", "total": total, "stages": stages, "read": self.input_read}
+        rec = {"k": "totals", "total": total, "stages": stages, "read": self.input_read,
+               "capped": bool(getattr(self.job, "at_record_limit", False))}
         if rec != self._totals_recorded:
             self._totals_recorded = rec
             await self.journal.append({**rec, "t": time.time()})

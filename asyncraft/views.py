@@ -20,6 +20,7 @@ from asyncraft.cost import Budget
 from asyncraft.errors import ConfigError, StateDamaged
 from asyncraft.storage import ensure_current, open_read_only, readers, runfile
 from asyncraft.storage.layout import StateDir
+from asyncraft.storage.recover import Recovery
 from asyncraft.storage.resolve import Finding, resolve
 from asyncraft.storage.taskindex import RunDamage
 from asyncraft.text import safe, safe_json
@@ -55,20 +56,12 @@ def status(sd: StateDir, budget: Budget | None = None) -> dict[str, Any]:
         return {"state_dir": str(sd.root), "job": (view.meta or {}).get("job"), "running": live,
                 "damaged": [str(f) for f in view.damage] or [str(exc)]}
     meta = rec.view.meta or {}
-    # The job's size as the run last journaled it (at the count at start, every few seconds, at the end),
-    # else as of the last time its input was read to the end (a state dir of an older version).
-    sized = rec.latest.get("totals") or rec.last_input or {}
-    total = sized.get("total")
+    total, pending, stages = work_left(rec)
     done, failed = rec.tasks.n_done, rec.tasks.n_failed
-    if total is not None:
-        total = max(total, done + failed)
-    stages = {name: {**v, "pending": max(v["total"] - v.get("done", 0) - v.get("failed", 0), 0)}
-              for name, v in (sized.get("stages") or {}).items() if "done" in v}
     counters = rec.counters
     return {
         "state_dir": str(sd.root), "job": meta.get("job"), "running": live,
-        "total": total, "done": done, "failed": failed,
-        "pending": (total - done - failed) if total is not None else None,
+        "total": total, "done": done, "failed": failed, "pending": pending,
         "input_problems": rec.tasks.n_ierr, "calls": counters.get("calls", 0),
         "prompt_tokens": counters.get("prompt_tokens", 0),
         "completion_tokens": counters.get("completion_tokens", 0),
@@ -77,6 +70,21 @@ def status(sd: StateDir, budget: Budget | None = None) -> dict[str, Any]:
                        6) if budget is not None and priced else None),
         "damaged": [str(f) for f in rec.view.damage],
     }
+
+
+def work_left(rec: Recovery) -> tuple[int | None, int | None, dict[str, dict[str, int]]]:
+    """(total, pending, per stage) of a state dir: the job's size as its run last journaled it (at the count at
+    start, every few seconds, at the end), else as of the last time its input was read to the end (a state dir
+    of an older version); None where it is not known. ``status`` and ``export`` both judge by this."""
+    sized = rec.latest.get("totals") or rec.last_input or {}
+    total = sized.get("total")
+    done, failed = rec.tasks.n_done, rec.tasks.n_failed
+    if total is None:
+        return None, None, {}
+    total = max(int(total), done + failed)
+    stages = {name: {**v, "pending": max(v["total"] - v.get("done", 0) - v.get("failed", 0), 0)}
+              for name, v in (sized.get("stages") or {}).items() if "done" in v}
+    return total, total - done - failed, stages
 
 
 def format_status(st: dict[str, Any]) -> str:

@@ -49,9 +49,9 @@ def iterate_lines(path: Path) -> int:
         return sum(1 for _ in fh)
 
 
-def timed(fn: Callable[[Path], int], path: Path, rounds: int) -> tuple[float, int]:
+def timed(fn: Callable[[Path], int | None], path: Path, rounds: int) -> tuple[float, int | None]:
     times = []
-    result = 0
+    result: int | None = 0
     for _ in range(rounds):
         t0 = time.perf_counter()
         result = fn(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def _raft(tmp_path: Path, docs: int = 3) -> RaftJob:
 def test_raft_totals_per_stage_follow_what_the_calls_return(tmp_path: Path) -> None:
     job = _raft(tmp_path)
     assert job.totals(None) is None  # not counted yet
-    job.count_input()
+    job.count_input(threading.Event())
     chunks = sum(1 for t in job.roots() if isinstance(t, Task))
     assert chunks > 6
     first = job.totals(None)

@@ -14,6 +14,7 @@ edited), the CRC of that prefix is checked first; an edited prefix is read again
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,12 +38,15 @@ MAX_LINE_EXCERPT = 200
 COUNT_BLOCK = 8 << 20  # bytes per read when counting lines: large blocks keep the count at memory speed
 
 
-def count_lines(path: Path) -> int:
-    """The lines of a file (a last line without a newline counts), counted in big binary blocks."""
+def count_lines(path: Path, stop: threading.Event | None = None) -> int | None:
+    """The lines of a file (a last line without a newline counts), counted in big binary blocks; None when
+    ``stop`` was set before the end."""
     lines = 0
     last = b"\n"
     with open(path, "rb", buffering=0) as fh:
         while block := fh.read(COUNT_BLOCK):
+            if stop is not None and stop.is_set():
+                return None
             lines += block.count(b"\n")
             last = block[-1:]
     return lines + (last != b"\n")
@@ -103,9 +107,10 @@ class PromptsJob:
         self.lines: int | None = None  # counted at start (count_input), for the total before the input is read
         self.not_tasks = 0  # blank and invalid lines read so far: lines that are no task
 
-    def count_input(self) -> None:
-        """Count the input's lines (the scheduler runs this on a thread at start)."""
-        self.lines = count_lines(self.input_path)
+    def count_input(self, stop: threading.Event) -> None:
+        """Count the input's lines (the scheduler runs this on a thread at start, and sets ``stop`` when the run
+        ends first)."""
+        self.lines = count_lines(self.input_path, stop)
 
     def totals(self, read: int | None) -> dict[str, dict[str, int]] | None:
         """Tasks in all: exact once the scheduler has read the input (``read``), before that the counted lines

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -152,6 +153,7 @@ class RaftJob:
         self._had_text = False
         self._stop: str | None = None
         self._pooled_noted = False
+        self.at_record_limit = False  # the run holds the --max-records asked for: a dataset as asked, not partial
         # The size of the job, per stage: what the count at start planned, and what settled since (all runs).
         self._plan: tuple[int, int] | None = None  # (embedding calls, chunks) in the input
         self._stage_done: Counter[str] = Counter()
@@ -210,13 +212,16 @@ class RaftJob:
 
     # -- the size of the job ---------------------------------------------------------------------------
 
-    def count_input(self) -> None:
+    def count_input(self, stop: threading.Event) -> None:
         """Read and chunk every document once at start (the scheduler runs this on a thread), so that the
         progress shows totals per stage from the start although the feeder reads documents lazily. The
-        semantic chunker's chunks are known only from its embeddings: estimated from the text's length."""
+        semantic chunker's chunks are known only from its embeddings: estimated from the text's length. A run
+        that ends first sets ``stop``: the count ends at the next file, unfinished."""
         p = self.params
         embeds = chunks = 0
         for entry in documents.list_files(self.input_path):
+            if stop.is_set():
+                return
             if isinstance(entry, documents.DocProblem):
                 continue
             for doc in documents.read_file(entry, text_field=p.json_text_field,
@@ -331,6 +336,7 @@ class RaftJob:
         limit = self.params.max_records
         have = len(self._records_before) + self.records_new
         if limit and have >= limit:
+            self.at_record_limit = True
             return (f"record limit reached: {have:,} records of ASYNCRAFT_MAX_RECORDS={limit:,}; raise it and run "
                     "the same command again to continue")
         for stage, rejected in self._rejected.items():
