@@ -127,6 +127,8 @@ class Runner:
         self._grace_handle: asyncio.TimerHandle | None = None
         self._people_file_failed = False
         self.failures = FailureTally()
+        self._problems: list[dict[str, Any]] = []  # what errors.jsonl shows: problems not resolved, failures
+        self._resolved_in_run = False
 
     async def main(self) -> int:
         s = self.settings
@@ -146,14 +148,16 @@ class Runner:
                     raise StateMismatch(f"{self.sd.root} holds a {meta.get('job')!r} job; this run is "
                                         f"{job.name!r}. Use another --state-dir.")
             t0 = time.perf_counter()
-            problems: list[dict[str, Any]] = []
+            problems = self._problems
 
             def wants(kind: str, stage: str) -> bool:
-                return kind in ("ierr", "fail") or job.wants(kind, stage)
+                return kind in ("ierr", "fail", "resolved") or job.wants(kind, stage)
 
             def on_payload(rec: dict[str, Any]) -> None:
                 if rec.get("k") in ("ierr", "fail"):
                     problems.append(_problem_line(rec))
+                elif rec.get("k") == "resolved":
+                    problems[:] = [p for p in problems if p.get("id") != rec.get("id")]
                 if job.wants(rec.get("k", ""), rec.get("stage") or ""):
                     job.replay(rec)
 
@@ -165,7 +169,7 @@ class Runner:
             await self._disk_retry(check_state, self.sd, self.fs, job, s,
                                    has_results=bool(len(recovered.done) or len(recovered.failed)))
             # errors.jsonl is a view for people, rebuilt from the journal at every start.
-            self._write_people_file(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in problems))
+            self._write_errors_file()
             for note in recovered.notes:
                 log.warning("recovery: %s", note)
             log.info("recovered %d done, %d failed up to seq %d in %.2fs", len(recovered.done),
@@ -201,6 +205,9 @@ class Runner:
                 log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, pause)
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, 10.0)
+
+    def _write_errors_file(self) -> None:
+        self._write_people_file(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in self._problems))
 
     def _write_people_file(self, path: Path, data: bytes) -> None:
         """errors.jsonl and status.json are views for people, rebuilt from the journal: a full disk or an I/O
@@ -297,6 +304,8 @@ class Runner:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         self._write_status(view.snapshot(final=True), final=True)
+        if self._resolved_in_run:
+            self._write_errors_file()
         return self._verdict(sched, journal, time.time() - started)
 
     def _verdict(self, sched: Scheduler, journal: Journal, elapsed: float) -> int:
@@ -357,6 +366,12 @@ class Runner:
 
     async def _append_error(self, rec: dict[str, Any]) -> None:
         self.failures.add(rec)
+        if rec.get("k") == "resolved":
+            # Rewritten without the problem at the end of the run (appending is all that happens meanwhile).
+            self._problems[:] = [p for p in self._problems if p.get("id") != rec.get("id")]
+            self._resolved_in_run = True
+            return
+        self._problems.append(_problem_line(rec))
         try:
             async with aiofiles.open(self.sd.errors_path, "ab") as fh:
                 await fh.write(orjson.dumps(_problem_line(rec)) + b"\n")

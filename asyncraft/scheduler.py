@@ -44,6 +44,7 @@ log = logging.getLogger("asyncraft")
 FEED_BATCH = 512
 UNREACHABLE_STOP = 25.0  # seconds without any connection, before anything succeeded, until the run stops
 HOLD_LIMIT = 10  # identical refusals before any success that stop the run (fewer at a concurrency below 9)
+PROBLEMS_LOGGED = 5  # input problems shown one by one; the rest are counted by kind at the end (all in errors.jsonl)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Stats:
     retries: int = 0
     gave_up: int = 0  # still failing after max_retries (or rate-limited past rate_limit_wait): left for the next run
     input_problems: int = 0
+    problems_new: int = 0  # input problems recorded by this run (the others were recorded before)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     last_error: str = ""
@@ -117,6 +119,9 @@ class Scheduler:
         self._job_totals: Callable[[int | None], dict[str, dict[str, int]] | None] | None = getattr(
             job, "totals", None)
         self._totals_recorded: dict[str, Any] | None = None
+        # An input problem whose item is read again and makes a task (a half-written line, completed) is resolved.
+        self._problem_key: Callable[[Task], str | None] | None = getattr(job, "problem_key", None)
+        self._resolved: set[int] = set()
         self.stats = Stats()
         self._rng = random.Random()
         # Fail fast: until something succeeds, refusals of one kind are held back, not recorded. Results
@@ -287,6 +292,7 @@ class Scheduler:
                         await self._record_problem(item)
                     else:
                         lines_ok += 1
+                        await self._resolve_problem(item)
                         await self._enqueue(item)
                 continue
             if self.active == 0:
@@ -374,9 +380,31 @@ class Scheduler:
         if key in self._input_errors:
             return
         self._input_errors.add(key)
-        log.warning("input problem: %s", problem.message)
+        self._resolved.discard(key)
+        self.stats.problems_new += 1
+        if self.stats.problems_new <= PROBLEMS_LOGGED:
+            log.warning("input problem: %s", problem.message)
+            if self.stats.problems_new == PROBLEMS_LOGGED:
+                log.warning("further input problems are counted by kind at the end, not shown one by one (every "
+                            "one is in errors.jsonl and `asyncraft tail --errors`)")
         await self._append_problem({"k": "ierr", "id": pid, "key": problem.key, "msg": problem.message,
                                     **problem.detail})
+
+    async def _resolve_problem(self, task: Task) -> None:
+        """Journal that an item recorded as a problem before now makes a task: errors.jsonl, ``status`` and
+        ``tail --errors`` stop showing the problem. Looked up only while the state dir holds problems."""
+        if self._problem_key is None or not len(self._input_errors):
+            return
+        pkey = self._problem_key(task)
+        if pkey is None:
+            return
+        pid = content_id("ierr", pkey)
+        key = id_key(pid)
+        if key in self._resolved or key not in self._input_errors:
+            return
+        self._resolved.add(key)
+        where: dict[str, Any] = {k: task.meta[k] for k in ("line", "custom_id", "source") if k in task.meta}
+        await self._append_problem({"k": "resolved", "id": pid, "key": pkey, **where})
 
     async def _pause(self, delay: float) -> None:
         """Sleep, but wake at once if the run is stopping."""

@@ -163,18 +163,20 @@ def _describe(rec: dict[str, Any]) -> str:
         return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  {err.get('type')}: {err.get('message')}{said}"
     if kind == "ierr":
         return f"{head} {rec.get('msg')}"
+    if kind == "resolved":
+        return f"{head} {where or rec.get('key')}: read again and handled; the problem recorded before is resolved"
     if kind == "attempt":
         return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  retry {rec.get('n')}: {rec.get('why')}{said}"
     rest = {k: v for k, v in rec.items() if k not in ("k", "seq", "c")}
     return f"{head} {orjson.dumps(rest).decode()[:160]}"
 
 
-ERROR_KINDS = frozenset({"fail", "ierr", "attempt", "lost"})
+ERROR_KINDS = frozenset({"fail", "ierr", "attempt", "lost", "resolved"})
 
 
 def record_filter(stage: str | None = None, errors: bool = False) -> Callable[[dict[str, Any]], bool]:
     """Which records ``tail`` shows: one stage's, and/or only problems (failed tasks, bad input, answers the job
-    rejected and asked again, records set aside by --salvage)."""
+    rejected and asked again, records set aside by --salvage, and problems resolved since)."""
 
     def keep(rec: dict[str, Any]) -> bool:
         if stage is not None and rec.get("stage") != stage:
@@ -290,6 +292,11 @@ def tail(sd: StateDir, *, lines: int, follow: bool, raw: bool, stage: str | None
     follower = Follower(sd)
     recent: deque[dict[str, Any]] = deque(maxlen=max(lines, 0))
     for rec in follower.read_all():
+        if errors and rec.get("k") == "resolved":
+            # The history of problems shows those that still hold; following, a resolution is shown as it comes.
+            gone = rec.get("id")
+            recent = deque((r for r in recent if r.get("k") != "ierr" or r.get("id") != gone), maxlen=recent.maxlen)
+            continue
         if keep(rec):
             recent.append(rec)
     for rec in recent:

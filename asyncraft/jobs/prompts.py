@@ -242,6 +242,10 @@ class PromptsJob:
             meta["custom_id"] = str(custom_id)
         return Task(content_id(STAGE, body), STAGE, body, meta)
 
+    def problem_key(self, task: Task) -> str | None:
+        """The key its line's problem had, if it had one (``InputProblem.key``)."""
+        return f"line:{task.meta['line']}"
+
     def wants(self, kind: str, stage: str) -> bool:
         return False
 

@@ -279,6 +279,11 @@ class RaftJob:
         elif kind == "done" and stage == STAGE_QUESTIONS:
             self._questions_made += len(rec.get("questions") or [])
 
+    def problem_key(self, task: Task) -> str | None:
+        """The key its document's problem had, if it had one (``_problem``)."""
+        source = task.meta.get("source")
+        return f"doc:{source}" if task.stage != STAGE_ANSWERS and isinstance(source, str) else None
+
     # -- protocol, continued ---------------------------------------------------------------------------
 
     def wants(self, kind: str, stage: str) -> bool:
