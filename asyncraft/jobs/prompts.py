@@ -136,6 +136,9 @@ class PromptsJob:
             for raw in fh:
                 lineno += 1
                 offset += len(raw)
+                if tracker is not None and not raw.endswith(b"\n"):
+                    # A last line without its newline may be half-written: the next run reads it again, whole.
+                    tracker.feeding = False
                 if tracker is not None and tracker.feeding:
                     crc = zlib.crc32(raw, crc)
                 if lineno == 1 and raw.startswith(UTF8_BOM):
