@@ -99,7 +99,7 @@ def format_status(st: dict[str, Any]) -> str:
         f"job         {st.get('job')}",
         f"tasks       {st.get('done')} done, {st.get('failed')} failed, "
         + (f"{st.get('pending')} pending of {total}" if total is not None else "total not known yet "
-           "(the input has not been read to the end)"),
+           "(the run stopped before its input was counted)"),
         f"input       {st.get('input_problems', 0)} problem line(s) (see errors.jsonl)",
         f"tokens      {st.get('prompt_tokens', 0)} prompt + {st.get('completion_tokens', 0)} completion",
     ]
