@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiofiles
 import orjson
@@ -46,6 +46,9 @@ from asyncraft.provider import Completion
 from asyncraft.scheduler import Scheduler
 from asyncraft.storage import FS, Recovery, StateDir
 
+if TYPE_CHECKING:
+    from asyncraft.remote import Attached, RemoteError, Replicator
+
 log = logging.getLogger("asyncraft")
 T = TypeVar("T")
 
@@ -53,6 +56,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_IOERR = 74
 EXIT_TEMPFAIL = 75  # stopped before the end; run the same command again to continue
+EXIT_STATE = 1  # state damaged, or owned by another process (lock or state URL lease)
 INPUT_POSITION_INTERVAL = 2.0  # seconds between records of how far the input is handled
 
 
@@ -63,7 +67,7 @@ def make_job(settings: Settings) -> Job:
         path = Path(settings.input)
         if not path.is_file():
             raise ConfigError(f"--input {settings.input}: no such file (the prompts job reads a JSONL file)")
-        return PromptsJob(path, model=settings.model, extra_body=settings.extra_body)
+        return PromptsJob(path, model=settings.model, extra_body=settings.extra_body, samples=settings.samples)
     if settings.job == "raft":
         from asyncraft import documents
         from asyncraft.jobs.raft import RaftJob, RaftParams
@@ -129,6 +133,8 @@ class Runner:
         self.failures = FailureTally()
         self._problems: list[dict[str, Any]] = []  # what errors.jsonl shows: problems not resolved, failures
         self._resolved_in_run = False
+        self.attached: Attached | None = None  # --state-url
+        self.remote_error: RemoteError | None = None
 
     async def main(self) -> int:
         s = self.settings
@@ -142,6 +148,8 @@ class Runner:
         await self._disk_retry(self.sd.create_dirs, self.fs)
         lock_fd = self.sd.lock()
         try:
+            if s.state_url is not None and not await self._attach_remote(s.state_url):
+                return EXIT_TEMPFAIL
             with contextlib.suppress(StateDamaged):  # the resolver reports it (or --salvage repairs it)
                 meta = self.sd.read_meta()
                 if meta is not None and meta.get("job") != job.name:
@@ -178,9 +186,7 @@ class Runner:
             if resume is not None:
                 states = recovered.tasks
 
-                def settled(key: int | None, problem: bool) -> bool:
-                    if key is None:
-                        return True
+                def settled(key: int, problem: bool) -> bool:
                     if problem:
                         return key in states.input_errors
                     return key in states.done or (not s.retry_failed and key in states.failed)
@@ -189,6 +195,8 @@ class Runner:
                 resume(recovered.latest.get("inpos"), settled, trust_position=not s.retry_failed)
             return await self._run(job, recovered)
         finally:
+            if self.attached is not None and self.remote_error is None and not self._replicated:
+                await self._replicate(self.attached.replicator, stopped=True)  # releases the lease
             os.close(lock_fd)
 
     async def _disk_retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -233,10 +241,18 @@ class Runner:
             if job_commit is not None:
                 job_commit(batch)  # the job's own counts (RAFT's totals per stage)
 
+        rep = self.attached.replicator if self.attached is not None else None
         journal = Journal(self.sd, recovered, fs=self.fs, fsync=s.fsync, fsync_interval=s.fsync_interval,
                           segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
-                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=on_commit)
+                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=on_commit,
+                          replica=rep)
         self.journal = journal
+        replicating = None
+        if rep is not None:
+            from asyncraft.remote.product import announce
+
+            announce(rep, self.sd, recovered.segments)
+            replicating = asyncio.create_task(self._replicate(rep), name="replicator")
         metrics = Metrics() if s.metrics_port is not None else None
         pool = EndpointPool(s.base_url, api_key=s.api_key, api_type=s.resolved_api_type(),
                             api_version=s.api_version, concurrency=s.concurrency,
@@ -246,8 +262,10 @@ class Runner:
                             backoff_base=s.backoff_base, backoff_max=s.backoff_max,
                             on_call=metrics.observe_call if metrics is not None else None)
 
+        calls = {"chat": pool.chat, "embed": pool.embed, "complete": pool.complete}
+
         def call(task: Task) -> Awaitable[Completion]:
-            return pool.embed(task.body) if task.endpoint == "embed" else pool.chat(task.body)
+            return calls[task.endpoint](task.body)
 
         sched = Scheduler(job, journal, call, limits, recovered, concurrency=s.concurrency,
                           rate_limit_wait=s.rate_limit_wait, max_retries=s.max_retries, backoff_base=s.backoff_base,
@@ -257,10 +275,13 @@ class Runner:
                           watch=s.watch, watch_interval=s.watch_interval, tally=tally)
         self.scheduler = sched
         view = RunView(s, sched, journal, tally, pool)
+        health = HealthMonitor(sched, journal, writer_timeout=s.health_writer_timeout,
+                               stall_timeout=s.health_stall_timeout)
+        if rep is not None:
+            view.replication = health.replication = rep.status
         if metrics is not None and s.metrics_port is not None:
             # Before the scheduler, so that a health check sees the whole run; stopped after the writer.
-            metrics.watch(view, HealthMonitor(sched, journal, writer_timeout=s.health_writer_timeout,
-                                              stall_timeout=s.health_stall_timeout))
+            metrics.watch(view, health)
             view.metrics_url = await metrics.start(s.metrics_host, s.metrics_port)
             log.info("metrics on %s/metrics, health on %s/healthz", view.metrics_url, view.metrics_url)
         loop = asyncio.get_running_loop()
@@ -281,8 +302,8 @@ class Runner:
             await sched.record_totals()  # what is left, for `status` of the stopped state dir
         except* JournalError:
             # The writer failed (or a record could not be handed to it): the workers and the feeder saw the same
-            # error. The journal's error decides the exit status below.
-            if journal.error is None:
+            # error. The journal's error decides the exit status below (or the replicator's, if it failed).
+            if journal.error is None and (rep is None or rep.status().state not in ("failed", "fenced")):
                 raise
         finally:
             tracking.cancel()
@@ -299,6 +320,9 @@ class Runner:
                 await writer
             except JournalError:
                 pass
+            if rep is not None and replicating is not None:
+                rep.stop()  # ships what the writer's final flush left, then releases the lease
+                await replicating
             if metrics is not None:
                 await metrics.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -315,6 +339,9 @@ class Runner:
         summary = (f"{len(sched.done)} done, {len(sched.failed)} failed, {st.input_problems} input problems; "
                    f"this run: {st.done} done in {elapsed:.1f}s, {st.calls.total()} calls, "
                    f"{st.prompt_tokens}+{st.completion_tokens} tokens")
+        if self.remote_error is not None:
+            log.error("stopped: %s. The state URL's replication failed: %s", summary, self.remote_error)
+            return EXIT_USAGE if isinstance(self.remote_error, ConfigError) else EXIT_STATE
         if journal.error is not None:
             err = journal.error
             log.error("%s", err)
@@ -345,6 +372,47 @@ class Runner:
         log.info("export with: python -m asyncraft export --state-dir %s --format %s --out results.jsonl",
                  self.settings.state_dir, self.settings.job)
         return EXIT_OK
+
+    # -- state beyond the machine (--state-url; asyncraft.remote) -----------------------------------------
+
+    _replicated = False
+
+    async def _attach_remote(self, url: str) -> bool:
+        """Take the state URL's lease and bring the local dir up to the store before recovery reads it.
+        False when the store cannot be reached (exit 75: nothing was started)."""
+        from asyncraft.remote import RemoteUnavailable
+        from asyncraft.remote.product import attach_dir
+
+        s = self.settings
+        try:
+            self.attached = await attach_dir(url, self.sd.root, durability="sync" if s.remote_durability == "sync"
+                                             else "async", interval=s.remote_interval, ttl=s.remote_lease,
+                                             failpoints=self.fs.fp, backoff_base=s.backoff_base,
+                                             backoff_max=s.backoff_max)
+        except RemoteUnavailable as exc:
+            log.error("%s; run the same command again when the store answers", exc)
+            return False
+        a = self.attached
+        where = f"; what was in the way is in {a.set_aside}" if a.set_aside is not None else ""
+        log.info("state URL %s: %s as generation %d (%s durability)%s", url,
+                 {"fresh": "new state", "continued": "continuing", "restored": "restored"}[a.action], a.generation,
+                 s.remote_durability, where)
+        return True
+
+    async def _replicate(self, rep: Replicator, *, stopped: bool = False) -> None:
+        """Run the replicator; if it fails (lease lost, bucket damaged or refused) the run stops at once."""
+        from asyncraft.remote import RemoteError
+
+        self._replicated = True
+        if stopped:
+            rep.stop()
+        try:
+            await rep.run()
+        except RemoteError as exc:
+            self.remote_error = exc
+            log.error("replication to the state URL failed: %s", exc)
+            if self.scheduler is not None:
+                self.scheduler.fatal_error(exc)
 
     async def _track_input(self, job: Job, journal: Journal) -> None:
         """Record every few seconds how far the input is fully handled, so a resume can start reading there,
@@ -405,6 +473,9 @@ class Runner:
         started = self.scheduler.stats.started if self.scheduler is not None else None
         status = {"pid": os.getpid(), "version": __version__, "updated": time.time(), "started": started,
                   "running": not final, **snap}
+        summary = getattr(self.scheduler.job, "input_summary", None) if self.scheduler is not None else None
+        if summary is not None:
+            status.update(summary())  # repeated lines and custom_ids (the prompts job)
         self._write_people_file(self.sd.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2))
         return status
 

@@ -41,6 +41,8 @@ examples:
   python -m asyncraft status --state-dir state/ --json
   python -m asyncraft tail -f --state-dir state/
   python -m asyncraft export --state-dir state/ --format prompts --out results.jsonl
+  ASYNCRAFT_STATE_URL=s3://bucket/jobs/x python -m asyncraft run --job raft --input docs/   # state in S3
+  python -m asyncraft status --state-url s3://bucket/jobs/x
 
 exit status: 0 finished; 75 stopped before the end (signal, fatal API error, disk full, retries
 left) - run the same command again to continue; 2 bad configuration; 1 damaged state or in use by another
@@ -97,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--stage", default=None, metavar="STAGE", help="only records of this stage (e.g. prompts)")
     tl.add_argument("--errors", action="store_true", help="only problems: failed tasks, bad input, rejected answers")
     ex = add("export", "write results as .jsonl or .parquet")
-    ex.add_argument("--format", required=True, choices=["prompts", "raft", "chat", "completion", "eval"],
-                    help="output layout")
+    ex.add_argument("--format", required=True, choices=["prompts", "batch", "raft", "chat", "completion", "eval"],
+                    help="output layout (batch: OpenAI Batch API output lines, prompts job)")
     ex.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     ex.add_argument("--partial", action="store_true",
                     help="export although the job is not finished (unfinished lines become \"pending\" rows) or "
@@ -165,12 +167,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _offline(cmd: str, ns: argparse.Namespace, settings: config.Settings) -> int:
+    if settings.state_url is None:
+        return _read(cmd, ns, settings, StateDir(settings.state_dir))
+    # --state-url: read a copy restored into a temp dir (without the lease: the owner may be running).
+    from asyncraft.remote import RemoteUnavailable
+    from asyncraft.remote.product import restored_copy
+
+    if cmd == "tail" and ns.follow:
+        raise ConfigError("tail --follow reads the running job's local --state-dir; with --state-url it prints "
+                          "what the store holds now (drop -f)")
+    try:
+        with restored_copy(settings.state_url) as (sd, owner):
+            return _read(cmd, ns, settings, sd, owner)
+    except RemoteUnavailable as exc:
+        print(f"asyncraft: {exc}; try again when the store answers", file=sys.stderr)
+        return 75
+
+
+def _read(cmd: str, ns: argparse.Namespace, settings: config.Settings, sd: StateDir, owner: str | None = None) -> int:
     from asyncraft import views
     from asyncraft.cost import Budget
 
-    sd = StateDir(settings.state_dir)
     if cmd == "status":
         st = views.status(sd, Budget(settings.price_input_per_m, settings.price_output_per_m))
+        if settings.state_url is not None:
+            st["state_dir"] = settings.state_url  # not the temp copy it was read from
+            st["owner"] = owner
         print(orjson.dumps(st).decode() if ns.json else views.format_status(st))
         return 1 if st.get("damaged") else 0
     if cmd == "tail":

@@ -183,6 +183,9 @@ OPTIONS: tuple[Option, ...] = (
            "(raft job); export re-reads it for input order", commands=("run", "export"), metavar="PATH"),
     Option("job", _choice("prompts", "raft"), "prompts", "which job to run: prompts (JSONL of chat requests "
            "in, one completion per line out) or raft", metavar="JOB"),
+    # -- the prompts job --
+    Option("samples", _number(int, 1, 1000), 1, "prompts: independent answers per input line (the sample index "
+           "is part of the task id; exports carry it); at 1, identical lines share one answer", metavar="K"),
     # -- the raft job (they change what is generated: recorded in the state dir's fingerprint) --
     Option("questions", _number(int, 1, 100), 5, "raft: questions generated per chunk (one call per chunk)",
            metavar="N"),
@@ -327,6 +330,17 @@ OPTIONS: tuple[Option, ...] = (
            "plus 1 s, or two request intervals of --rpm)", commands=("run", "demo"), metavar="S"),
     Option("failpoints", _text, "", "test hook: comma-separated failpoints (name[=action][@hit])",
            flag=False),
+    # -- state beyond the machine (asyncraft.remote) --
+    Option("state_url", _optional_text, None, "s3://, gs://, az:// or file:// URL holding the state; the local "
+           "state dir becomes a cache (credentials from the store's usual variables: AWS_*, GOOGLE_*, AZURE_*)",
+           commands=_STATEFUL, metavar="URL"),
+    Option("remote_durability", _choice("async", "sync"), "async", "async: a result is acknowledged once on the "
+           "local disk (losing the machine re-pays at most one interval of results); sync: once the object store "
+           "has it", metavar="MODE"),
+    Option("remote_interval", _number(float, 0.01, 3600.0), 1.0, "seconds between shipments of the journal's "
+           "tail to the state URL (async durability)", metavar="S"),
+    Option("remote_lease", _number(float, 1.0, 86_400.0), 30.0, "seconds the state URL's lease lasts without "
+           "renewal; another machine takes over only after it expires", metavar="S"),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -339,6 +353,7 @@ class Settings:
     state_dir: str = "asyncraft-state"
     input: str = ""
     job: str = "prompts"
+    samples: int = 1
     questions: int = 5
     distractors: int = 3
     p: float = 0.8
@@ -404,6 +419,10 @@ class Settings:
     health_writer_timeout: float = 120.0
     health_stall_timeout: float = 300.0
     failpoints: str = ""
+    state_url: str | None = None
+    remote_durability: str = "async"
+    remote_interval: float = 1.0
+    remote_lease: float = 30.0
     api_key: str | None = field(default=None, repr=False)
 
     @property
@@ -537,6 +556,11 @@ def _check(s: Settings, command: str, *, url_source: str = "ASYNCRAFT_BASE_URL",
                               "ASYNCRAFT_PRICE_OUTPUT_PER_M to turn tokens into money")
         if s.resolved_api_type() == "azure" and not s.api_version:
             raise ConfigError("ASYNCRAFT_API_VERSION is required for Azure OpenAI (e.g. 2024-10-21)")
+        if s.salvage and s.state_url is not None:
+            raise ConfigError("--salvage repairs a local state dir, but with --state-url the object store holds the "
+                              "state: move a damaged local dir away and run again to restore it; if the store's own "
+                              "state is damaged, run --salvage on its restored local dir without --state-url, then "
+                              "replicate that to a new URL")
 
 
 def fingerprint_settings(s: Settings) -> dict[str, Any]:

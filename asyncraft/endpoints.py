@@ -1,6 +1,7 @@
 """Several OpenAI-compatible endpoints (a fleet of vLLM replicas, several deployments) behind one client.
 
-``EndpointPool`` has the interface of ``Provider`` (``chat(body)``, ``embed(body)``, ``async with``)
+``EndpointPool`` has the interface of ``Provider`` (``chat(body)``, ``complete(body)``, ``embed(body)``,
+``async with``)
 so the scheduler does not know how many servers there are. Each call goes to the endpoint with the most free
 capacity, which is the fewest calls in flight: a faster replica frees its slots sooner and so takes more of
 the work, without any weights to configure.
@@ -119,6 +120,10 @@ class EndpointPool:
         result: Completion = await self._call("embed", body)
         return result
 
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        result: Completion = await self._call("complete", body)
+        return result
+
     async def models(self) -> list[str] | None:
         """What the first endpoint lists (``GET /models``); None where it has no list."""
         return await self.endpoints[0].provider.models()
@@ -161,7 +166,8 @@ class EndpointPool:
             started = now
             outcome = "cancelled"
             try:
-                result: Any = await (ep.provider.embed(body) if kind == "embed" else ep.provider.chat(body))
+                call = {"embed": ep.provider.embed, "complete": ep.provider.complete}.get(kind, ep.provider.chat)
+                result: Any = await call(body)
                 outcome = "ok"
             except ProviderError as exc:
                 outcome = outcome_name(exc)

@@ -30,6 +30,8 @@ class ProviderError(AsyncraftError):
         type: str | None = None,
         retry_after: float | None = None,
         rate_info: Any = None,
+        body: Any = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -37,6 +39,8 @@ class ProviderError(AsyncraftError):
         self.type = type
         self.retry_after = retry_after
         self.rate_info = rate_info  # provider.RateInfo of the answer's x-ratelimit-* headers, if it had any
+        self.body = body  # the error response's body as the server sent it (JSON, or text), the key scrubbed out
+        self.request_id = request_id  # the server's x-request-id
 
 
 class RateLimited(ProviderError):

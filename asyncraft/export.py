@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from asyncraft.errors import ConfigError, Incomplete, StateDamaged
-from asyncraft.jobs.base import InputProblem
+from asyncraft.jobs.base import Task
 from asyncraft.records import id_key
+from asyncraft.responses import batch_done, batch_failed, batch_id, batch_line, batch_status, result_fields
 from asyncraft.storage import Recovery, open_read_only, readers
 from asyncraft.storage.layout import StateDir
 from asyncraft.storage.taskindex import DONE, RunDamage
 
 if TYPE_CHECKING:
     from asyncraft.config import Settings
+    from asyncraft.jobs.prompts import InputLine, PromptsJob
     from asyncraft.jobs.raft import ChunkInfo
 
 log = logging.getLogger("asyncraft")
@@ -30,35 +32,81 @@ PARQUET_BATCH = 10_000
 RAFT_FORMATS = ("raft", "chat", "completion", "eval")
 
 
-def prompts_rows(rec: Recovery, input_path: Path, meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """One row per input line, in input order: each line's task is looked up by id (memory does not grow with
-    the number of results)."""
+def prompts_job(input_path: Path, meta: dict[str, Any]) -> PromptsJob:
+    """The job as the state dir's fingerprint made it (model, extra body, samples), reading ``input_path``."""
     from asyncraft.jobs.prompts import PromptsJob
 
     fp = meta.get("fingerprint", {})
-    job = PromptsJob(input_path, model=fp.get("model"), extra_body=fp.get("extra_body") or {})
+    return PromptsJob(input_path, model=fp.get("model"), extra_body=fp.get("extra_body") or {},
+                      samples=int(fp.get("samples") or 1))
+
+
+def line_results(rec: Recovery, job: PromptsJob) -> Iterator[tuple[InputLine, Task | None, str, dict[str, Any]]]:
+    """(line, task, state, deciding record) of every line and sample, in input order: each task is looked up
+    by id (memory does not grow with the number of results). A blank or invalid line comes once, with no task;
+    state is "done", "failed", "pending", "invalid" or "blank"."""
     with readers.Reader() as reader:
-        for item in job.roots():
-            if isinstance(item, InputProblem):
-                yield {"line": item.detail.get("line"), "custom_id": None, "status": "invalid",
-                       "error": {"type": "input", "message": item.message}}
+        for line in job.lines():
+            if not line.tasks:
+                yield line, None, "invalid" if line.problem is not None else "blank", {}
                 continue
-            row: dict[str, Any] = {"line": item.meta["line"], "custom_id": item.meta.get("custom_id")}
-            state, loc = readers.deciding_location(rec, id_key(item.id))
-            if loc is None:
-                row["status"] = "pending"
-                yield row
-                continue
-            r = reader.read(loc)
-            if state == DONE:
-                msg = r.get("message") or {}
-                row.update(status="ok", content=msg.get("content"), finish_reason=r.get("finish_reason"),
-                           usage=r.get("usage"), model=r.get("model"))
-                if msg.get("tool_calls"):
-                    row["tool_calls"] = msg["tool_calls"]
-            else:
-                row.update(status="failed", error=r.get("error"))
-            yield row
+            for task in line.tasks:
+                state, loc = readers.deciding_location(rec, id_key(task.id))
+                if loc is None:
+                    yield line, task, "pending", {}
+                else:
+                    yield line, task, "done" if state == DONE else "failed", reader.read(loc)
+
+
+def _common(line: InputLine, task: Task | None, samples: int) -> dict[str, Any]:
+    """custom_id, sample and metadata of a line, as the input has them now."""
+    out: dict[str, Any] = {}
+    if task is None:
+        out["custom_id"] = line.problem.detail.get("custom_id") if line.problem is not None else None
+        return out
+    out["custom_id"] = task.meta.get("custom_id")
+    if samples > 1:
+        out["sample"] = task.meta.get("sample", 0)
+    if task.private:
+        out["metadata"] = task.private
+    return out
+
+
+def prompts_rows(rec: Recovery, job: PromptsJob) -> Iterator[dict[str, Any]]:
+    """One row per input line (and sample), in input order."""
+    for line, task, state, r in line_results(rec, job):
+        row: dict[str, Any] = {"line": line.line, **_common(line, task, job.samples)}
+        if state == "done":
+            row.update(status="ok", **result_fields(r))
+        elif state == "failed":
+            row.update(status="failed", error=r.get("error"))
+        elif state == "invalid":
+            assert line.problem is not None
+            row.update(status="invalid", error={"type": "input", "message": line.problem.message})
+        else:
+            row["status"] = state
+        yield row
+
+
+def batch_rows(rec: Recovery, job: PromptsJob) -> Iterator[dict[str, Any]]:
+    """One OpenAI Batch API output line per input line (and sample), in input order."""
+    for line, task, state, r in line_results(rec, job):
+        common = _common(line, task, job.samples)
+        custom_id = common.pop("custom_id")
+        bid = batch_id(line.line, common.get("sample"), task.id if task is not None else None)
+        if state == "done":
+            row = batch_line(custom_id, bid, response=batch_done(r))
+        elif state == "failed":
+            response, error = batch_failed(r)
+            row = batch_line(custom_id, bid, response=response, error=error)
+        elif state == "invalid":
+            assert line.problem is not None
+            row = batch_line(custom_id, bid, error={"code": "invalid_request", "message": line.problem.message})
+        elif state == "blank":
+            row = batch_line(custom_id, bid, error={"code": "blank_line", "message": f"line {line.line} is blank"})
+        else:
+            row = batch_line(custom_id, bid, error={"code": "pending", "message": "no result yet (a partial export)"})
+        yield {**row, **common}
 
 
 Written = list[tuple[Path, dict[str, int]]]  # each file written, with its rows counted by status
@@ -86,15 +134,19 @@ def export(sd: StateDir, fmt: str, out: Path, *, input_override: str | None = No
 
             refuse_unfinished_raft(rec, partial)
             return export_raft(rec, meta, fmt, out, settings or Settings())
-        if fmt == "prompts":
+        if fmt in ("prompts", "batch"):
             if job != "prompts":
-                raise ConfigError(f"--format prompts needs a prompts job; {sd.root} holds a {job} job")
+                raise ConfigError(f"--format {fmt} needs a prompts job; {sd.root} holds a {job} job")
             input_path = Path(input_override or meta.get("input", ""))
             if not input_path.is_file():
                 raise ConfigError(f"input file {input_path} not found; export reads it for the order of lines. "
                                   "Pass --input PATH if it moved.")
-            counts = write_rows(prompts_rows(rec, input_path, meta), out,
-                                prompts_schema() if out.suffix == ".parquet" else None)
+            pjob = prompts_job(input_path, meta)
+            parquet = out.suffix == ".parquet"
+            if fmt == "batch":
+                counts = write_rows(batch_rows(rec, pjob), out, batch_schema() if parquet else None, batch_status)
+            else:
+                counts = write_rows(prompts_rows(rec, pjob), out, prompts_schema() if parquet else None)
             pending = counts.get("pending", 0)
             if pending and not partial:
                 out.unlink()
@@ -134,7 +186,12 @@ def refuse_unfinished_raft(rec: Recovery, partial: bool) -> None:
     log.warning("%s: exporting the records that are done", what)
 
 
-def write_rows(rows: Iterator[dict[str, Any]], out: Path, schema: Any = None) -> dict[str, int]:
+def _status(row: dict[str, Any]) -> str:
+    return str(row.get("status", "ok"))
+
+
+def write_rows(rows: Iterator[dict[str, Any]], out: Path, schema: Any = None,
+               status_of: Callable[[dict[str, Any]], str] = _status) -> dict[str, int]:
     """Write rows atomically to .jsonl or .parquet; returns counts by status."""
     counts: dict[str, int] = {}
     tmp = out.with_name(out.name + ".tmp")
@@ -143,11 +200,12 @@ def write_rows(rows: Iterator[dict[str, Any]], out: Path, schema: Any = None) ->
         if out.suffix == ".parquet":
             if schema is None:
                 raise ConfigError("this format has no Parquet layout; use .jsonl")
-            _write_parquet(rows, tmp, counts, schema)
+            _write_parquet(rows, tmp, counts, schema, status_of)
         elif out.suffix in (".jsonl", ".json", ""):
             with open(tmp, "wb") as fh:
                 for row in rows:
-                    counts[row.get("status", "ok")] = counts.get(row.get("status", "ok"), 0) + 1
+                    status = status_of(row)
+                    counts[status] = counts.get(status, 0) + 1
                     fh.write(orjson.dumps(row) + b"\n")
         else:
             raise ConfigError(f"--out {out}: use a .jsonl or .parquet file name")
@@ -162,12 +220,23 @@ def prompts_schema() -> Any:
     import pyarrow as pa
 
     usage = pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
-    return pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("status", pa.string()),
-                      ("content", pa.string()), ("finish_reason", pa.string()), ("model", pa.string()),
-                      ("usage", usage), ("tool_calls", pa.string()), ("error", pa.string())])
+    return pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("sample", pa.int64()),
+                      ("status", pa.string()), ("content", pa.string()), ("finish_reason", pa.string()),
+                      ("model", pa.string()), ("usage", usage), ("tool_calls", pa.string()), ("choices", pa.string()),
+                      ("embeddings", pa.list_(pa.list_(pa.float64()))), ("metadata", pa.string()),
+                      ("error", pa.string())])
 
 
-def _write_parquet(rows: Iterator[dict[str, Any]], path: Path, counts: dict[str, int], schema: Any) -> None:
+def batch_schema() -> Any:
+    """The Batch output fields; ``response`` and ``error`` as JSON text (a body's shape varies by endpoint)."""
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("custom_id", pa.string()), ("response", pa.string()),
+                      ("error", pa.string()), ("sample", pa.int64()), ("metadata", pa.string())])
+
+
+def _write_parquet(rows: Iterator[dict[str, Any]], path: Path, counts: dict[str, int], schema: Any,
+                   status_of: Callable[[dict[str, Any]], str]) -> None:
     """Columns come from ``schema``; values that are not of a column's type (errors, tool calls) go in as JSON."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -177,7 +246,8 @@ def _write_parquet(rows: Iterator[dict[str, Any]], path: Path, counts: dict[str,
     batch: list[dict[str, Any]] = []
     with pq.ParquetWriter(path, schema) as writer:
         for row in rows:
-            counts[row.get("status", "ok")] = counts.get(row.get("status", "ok"), 0) + 1
+            status = status_of(row)
+            counts[status] = counts.get(status, 0) + 1
             batch.append({k: (orjson.dumps(v).decode() if k in as_json and isinstance(v, dict | list) else v)
                           for k, v in ((n, row.get(n)) for n in names)})
             if len(batch) >= PARQUET_BATCH:

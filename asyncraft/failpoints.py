@@ -36,6 +36,15 @@ ACTIONS = frozenset({"kill", "enospc", "eio", "hang"})
 HANG_SECONDS = 3600.0
 
 
+def _remote_point(name: str) -> bool:
+    """The object-store failpoints (asyncraft.remote.FAILPOINTS), imported only when one is named."""
+    if not name.startswith("remote."):
+        return False
+    from asyncraft.remote import FAILPOINTS
+
+    return name in FAILPOINTS
+
+
 @dataclass
 class _Point:
     action: str
@@ -53,7 +62,7 @@ class Failpoints:
             name, _, hit_spec = item.partition("@")
             name, _, action = name.partition("=")
             action = action or "kill"
-            if name not in NAMES:
+            if name not in NAMES and not _remote_point(name):
                 raise ConfigError(f"ASYNCRAFT_FAILPOINTS: unknown failpoint {name!r}")
             if action not in ACTIONS:
                 raise ConfigError(f"ASYNCRAFT_FAILPOINTS: unknown action {action!r} for {name}")

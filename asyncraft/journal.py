@@ -15,12 +15,14 @@ the sealed ones into a run on a second thread while appends go on (see ``storage
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from asyncraft import records
 from asyncraft.errors import DiskFull, JournalError
@@ -36,6 +38,20 @@ MAX_BATCH = 4096
 
 # Resolved once a submitted record is on disk; fails with the writer's error when it never will be.
 Durable = asyncio.Future[None]
+HANDOFF_POLL = 1.0  # how often the compactor, waiting for the loop to take note of a snapshot, checks the loop runs
+
+
+class Replica(Protocol):
+    """An off-machine copy the writer keeps informed (asyncraft.remote.Replicator): plain calls that never block,
+    and, with sync durability, ``durable(seq)`` awaited before records up to ``seq`` are acknowledged."""
+
+    @property
+    def durability(self) -> str: ...
+
+    def on_commit(self, segment: Path, committed_bytes: int, last_seq: int) -> None: ...
+    def on_immutable(self, paths: Sequence[Path]) -> None: ...
+    def on_manifest(self, path: Path) -> None: ...
+    async def durable(self, seq: int) -> None: ...
 
 
 class Journal:
@@ -52,6 +68,7 @@ class Journal:
         disk_full_wait: float = 60.0,
         on_error: Callable[[BaseException], None] | None = None,
         on_commit: Callable[[list[dict[str, Any]]], None] | None = None,
+        replica: Replica | None = None,
     ) -> None:
         self._sd = sd
         self._fs = fs or FS()
@@ -63,6 +80,8 @@ class Journal:
         self._disk_full_wait = disk_full_wait
         self._on_error = on_error
         self.on_commit = on_commit  # sees each batch of records once it is on disk (counters, metrics)
+        self._replica = replica
+        self._acks: set[asyncio.Task[None]] = set()  # sync durability: commits waiting for the object store
         self.tasks = recovery.tasks
         # For the health check: a wedged writer shows as records waiting while nothing commits. Kept
         # per commit, not per record: when the queue last became non-empty, when this commit began.
@@ -158,7 +177,7 @@ class Journal:
                 if batch:
                     await self._commit(loop, batch)
                 if self._seg_size >= self._segment_bytes:
-                    await self._disk_retry(loop, self._rotate)
+                    await self._seal(loop)
                 self._reap_compaction()
                 if self._closing and not self._pending:
                     break
@@ -236,7 +255,28 @@ class Journal:
             offset += len(line)
         if self.on_commit is not None:
             self.on_commit([rec for rec, _fut in batch])
+        if self._replica is not None:
+            self._replica.on_commit(path, self._seg_size, seq - 1)
+            if self._replica.durability == "sync":
+                # The writer goes on with the next commit; these records are acknowledged once the store has them.
+                ack = asyncio.create_task(self._ack_replicated(batch, seq - 1))
+                self._acks.add(ack)
+                ack.add_done_callback(self._acks.discard)
+                return
         self._fs.note("ack", seq - 1)
+        _report(batch, None)
+
+    async def _ack_replicated(self, batch: list[tuple[dict[str, Any], Durable]], last: int) -> None:
+        assert self._replica is not None
+        try:
+            await self._replica.durable(last)
+        except asyncio.CancelledError:
+            _report(batch, JournalError("replication stopped before these records reached the object store"))
+            raise
+        except Exception as exc:  # every waiter learns why its record will not be acknowledged
+            _report(batch, exc if isinstance(exc, JournalError) else JournalError(f"replication failed: {exc!r}"))
+            return
+        self._fs.note("ack", last)
         _report(batch, None)
 
     # -- runs on the journal thread --------------------------------------------------------------
@@ -258,10 +298,16 @@ class Journal:
             self._fp.hit("journal.after_fsync")
         return elapsed
 
-    def _rotate(self) -> None:
-        """Seal the active segment: create the next one first, then write the seal naming it."""
+    async def _seal(self, loop: asyncio.AbstractEventLoop) -> None:
+        sealed = await self._disk_retry(loop, self._rotate)
+        if sealed is not None and self._replica is not None:
+            self._replica.on_commit(*sealed)  # the seal is a commit of the old segment; the new one is empty
+
+    def _rotate(self) -> tuple[Path, int, int] | None:
+        """Seal the active segment: create the next one first, then write the seal naming it.
+        Returns the sealed segment, its length and the seal's seq."""
         if self._seg_size == 0:
-            return  # nothing to seal
+            return None  # nothing to seal
         if self._fd is None:
             self._fd = self._fs.open_append(self._seg_path)
         seal_seq = self.next_seq
@@ -276,22 +322,47 @@ class Journal:
         self._fs.close(self._fd)
         self._fd = None
         self._sealed.append((self._seg_first, seal_seq, self._seg_path))
+        sealed = (self._seg_path, self._seg_size + len(line), seal_seq)
         self._since_snapshot += 1
         self._seg_first, self._seg_path, self._seg_size = nxt, new_path, 0
         self.next_seq = nxt
+        return sealed
 
     # -- compaction --------------------------------------------------------------------------------
 
     async def _start_compaction(self, loop: asyncio.AbstractEventLoop) -> None:
-        await self._disk_retry(loop, self._rotate)
+        await self._seal(loop)
         todo = list(self._sealed)
         if not todo:
             return
         self._since_snapshot = 0
+        made = None if self._replica is None else functools.partial(self._snapshot_made, loop)
         # Every record up to the seal is committed and applied: these are the counts the manifest records.
         self._compaction = loop.run_in_executor(self._compactor, compact, self._fs, self._sd, todo, list(self._chain),
-                                                self.tasks.counts())
+                                                self.tasks.counts(), made)
         self._compacting = todo
+
+    def _snapshot_made(self, loop: asyncio.AbstractEventLoop, run: Path, index: Path, manifest: Path) -> None:
+        """On the compactor thread, before the covered segments are deleted: the replica must know of the manifest
+        first, or it would find a segment gone that nothing it knows covers. Waits for the loop to take note."""
+        assert self._replica is not None
+        replica = self._replica
+
+        async def note() -> None:
+            replica.on_immutable([run, index])
+            replica.on_manifest(manifest)
+
+        try:
+            done = asyncio.run_coroutine_threadsafe(note(), loop)
+        except RuntimeError:
+            return  # the loop is closed: the run is over, and the next one announces this manifest
+        while True:
+            try:
+                done.result(HANDOFF_POLL)
+                return
+            except FutureTimeout:
+                if not loop.is_running():
+                    return  # the loop stopped (the writer failed): nobody is left to replicate
 
     def _reap_compaction(self) -> None:
         fut = self._compaction

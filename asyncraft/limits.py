@@ -385,9 +385,13 @@ def estimate_request_tokens(body: dict[str, Any], output_estimate: int) -> int:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     total += estimate_tokens(part["text"])
             total += 4
-    if isinstance(body.get("input"), str):
-        total += estimate_tokens(body["input"])
-    elif isinstance(body.get("input"), list):
-        total += sum(estimate_tokens(x) for x in body["input"] if isinstance(x, str))
+    for key in ("input", "prompt"):  # an embeddings request's input, a legacy completion's prompt
+        value = body.get(key)
+        if isinstance(value, str):
+            total += estimate_tokens(value)
+        elif isinstance(value, list):
+            total += sum(estimate_tokens(x) for x in value if isinstance(x, str))
+    if "input" in body and "messages" not in body:
+        return total  # embeddings: nothing is generated
     out = body.get("max_completion_tokens") or body.get("max_tokens")
     return total + (int(out) if isinstance(out, int) and out > 0 else output_estimate)

@@ -35,6 +35,7 @@ from asyncraft.journal import Journal
 
 if TYPE_CHECKING:
     from asyncraft.progress import RunView
+    from asyncraft.remote import ReplicationStatus
     from asyncraft.scheduler import Scheduler
 
 log = logging.getLogger("asyncraft.metrics")
@@ -58,6 +59,7 @@ class HealthMonitor:
         self._clock = clock
         self._signature: tuple[Any, ...] | None = None
         self._last_change = clock()
+        self.replication: Callable[[], ReplicationStatus] | None = None  # --state-url
 
     def _progress_signature(self) -> tuple[Any, ...]:
         sched, st = self.sched, self.sched.stats
@@ -97,6 +99,13 @@ class HealthMonitor:
         sched, journal = self.sched, self.journal
         if journal.error is not None:
             return False, f"journal failed: {journal.error}"
+        if self.replication is not None:
+            rs = self.replication()
+            # Failed or fenced: the run is stopping. Unreachable: in sync mode nothing is acknowledged meanwhile,
+            # so it counts as a stall once it lasts as long as one.
+            if rs.state in ("failed", "fenced") or (
+                    rs.state == "unreachable" and rs.durability == "sync" and rs.lag_seconds > self.stall_timeout):
+                return False, rs.describe()
         waiting, since = journal.uncommitted()
         if waiting and since is not None:
             stuck = now - max(journal.last_progress, since)
@@ -148,6 +157,16 @@ class _Collector:
             ok, _why = health.check()
             yield gauge("asyncraft_healthy", "1 while /healthz answers 200", 1 if ok else 0)
         yield gauge("asyncraft_start_time_seconds", "unix time this process started", st.started)
+        if "replication" in snap:
+            rep = snap["replication"]
+            yield gauge("asyncraft_replication_lag_records", "records committed locally, not yet in the object store",
+                        rep["lag_records"])
+            yield gauge("asyncraft_replication_lag_seconds", "age of the oldest commit not yet in the object store",
+                        rep["lag_s"])
+            yield gauge("asyncraft_replication_healthy", "1 while the object store takes what is shipped",
+                        1 if rep["healthy"] else 0)
+            yield gauge("asyncraft_replication_unreachable_since_seconds", "unix time the current store outage began",
+                        rep["unreachable_since"])
 
         tasks = GaugeMetricFamily("asyncraft_tasks", "tasks of the state dir by state (pending once the input has "
                                   "been read to the end)", labels=["state"])

@@ -44,6 +44,12 @@ def models_used(settings: Settings) -> list[str]:
     return names
 
 
+def serves_any_name(available: list[str]) -> bool:
+    """llama.cpp's servers (llama-server, llama-cpp-python) load one model file, list its path, and answer
+    whatever model a request names: there the name cannot be wrong."""
+    return len(available) == 1 and ("/" in available[0] or available[0].lower().endswith(".gguf"))
+
+
 def listed(model: str, available: list[str]) -> bool:
     """Ollama lists "llama3:latest" and serves "llama3"; llama.cpp lists the file it loaded."""
     for name in available:
@@ -82,7 +88,10 @@ async def check(settings: Settings, *, wait: float = UNREACHABLE_WAIT) -> None:
             if available is None:
                 continue
             for model in models_used(settings):
-                if not listed(model, available):
+                if not listed(model, available) and serves_any_name(available):
+                    log.warning("%s lists only the model file %s and answers every model name with it; "
+                                "%r is sent as asked", ep.provider.shown_url, available[0], model)
+                elif not listed(model, available):
                     close = difflib.get_close_matches(model, available, n=3, cutoff=0.5)
                     hint = f"; close matches: {', '.join(close)}" if close else (
                         f"; it lists {', '.join(available[:10])}" + (" ..." if len(available) > 10 else "")

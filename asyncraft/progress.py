@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from asyncraft.config import Settings
     from asyncraft.endpoints import EndpointPool
     from asyncraft.journal import Journal
+    from asyncraft.remote import ReplicationStatus
     from asyncraft.scheduler import Scheduler
 
 RATE_WINDOW = 30.0  # seconds of history behind a rate: steady enough to read, quick to follow a change
@@ -92,6 +93,7 @@ class RunView:
         self.tally = tally
         self.pool = pool
         self.metrics_url: str | None = None
+        self.replication: Callable[[], ReplicationStatus] | None = None  # --state-url
         self._clock = clock
         self._window = window
         self.started = clock()
@@ -169,7 +171,16 @@ class RunView:
             snap["endpoints"] = self.pool.describe()
         if self.metrics_url:
             snap["metrics_url"] = self.metrics_url
+        if self.replication is not None:
+            snap["replication"] = replication_snapshot(self.replication())
         return snap
+
+
+def replication_snapshot(rs: ReplicationStatus) -> dict[str, Any]:
+    """The state URL's replication, for status.json, the progress line and /metrics."""
+    return {"state": rs.state, "durability": rs.durability, "generation": rs.generation,
+            "lag_records": rs.lag_records, "lag_s": round(rs.lag_seconds, 3),
+            "unreachable_since": rs.unreachable_since, "healthy": rs.healthy, "line": rs.describe()}
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -235,6 +246,8 @@ def format_line(snap: dict[str, Any]) -> str:
     note = _state_note(snap)
     if note:
         parts.append(note)
+    if "replication" in snap:
+        parts.append(snap["replication"]["line"])
     # The last error and the stop reason are a server's words: shown, never obeyed by the terminal.
     return "asyncraft: " + safe(" | ".join(parts))
 
@@ -305,6 +318,9 @@ def render_table(snap: dict[str, Any]) -> RenderableType:
     note = _state_note(snap)
     if note:
         parts.append(Text(safe(note), style="yellow"))
+    rep = snap.get("replication")
+    if rep is not None:
+        parts.append(Text(rep["line"], style="dim" if rep["healthy"] else "yellow"))
     return Group(*parts)
 
 

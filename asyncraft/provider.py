@@ -48,6 +48,7 @@ from asyncraft.records import scrub
 log = logging.getLogger("asyncraft.provider")
 
 MAX_MESSAGE = 500  # characters of a server's error message kept in errors and logs
+MAX_ERROR_BODY = 64 << 10  # bytes of an error response kept with a failed task (an error page can be large)
 _STREAMING = {"stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -58,6 +59,7 @@ class Completion:
     usage: dict[str, int] | None
     model: str | None
     raw: dict[str, Any] | None = None  # the whole response body (streamed: assembled as the non-streamed body)
+    request_id: str | None = None  # the server's x-request-id, which its support asks for
 
 
 @dataclass(slots=True)
@@ -175,7 +177,8 @@ class Provider:
         # not reach a log line or errors.jsonl.
         self.shown_url = str(base.with_user(None).with_query(None))
         # Parsed once: aiohttp would parse a string URL again for every request.
-        self._urls = {path: join_url(base, path) for path in ("/chat/completions", "/embeddings", "/models")}
+        self._urls = {path: join_url(base, path) for path in ("/chat/completions", "/completions", "/embeddings",
+                                                              "/models")}
         self._key = api_key
         self._azure = api_type == "azure"
         self._params = {"api-version": api_version} if self._azure and api_version else None
@@ -220,31 +223,42 @@ class Provider:
     async def chat(self, body: dict[str, Any]) -> Completion:
         if self.streams is not False:
             try:
-                return _completion(await self._chat_streamed(body))
+                return _completion(*await self._chat_streamed(body))
             except BadRequest as exc:
                 # A server that has streamed before means something else by a 400 that mentions streams.
                 if self.streams or "stream" not in str(exc).rsplit(": ", 1)[-1].lower():
                     raise
                 # A 400 is not billed: the same call goes again, plainly.
                 self._stop_streaming(f"it refuses streamed requests ({exc})")
-        return _completion(await self._post("/chat/completions", body))
+        return _completion(*await self._post("/chat/completions", body))
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        """A legacy completions call (``/completions``, never streamed): the first choice's ``text`` is the
+        message's content."""
+        raw, request_id = await self._post("/completions", body)
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise BadResponse("response has no choices")
+        return Completion({"content": choices[0].get("text")}, choices[0].get("finish_reason"), _usage(raw),
+                          raw.get("model"), raw, request_id)
 
     async def embed(self, body: dict[str, Any]) -> Completion:
         """An embeddings call in the shape of every other result: ``message["embeddings"]`` holds the
         vectors in input order, ``usage`` the tokens billed (prompt only)."""
-        raw = await self._post("/embeddings", body)
+        raw, request_id = await self._post("/embeddings", body)
         data = raw.get("data")
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise BadResponse("embeddings response has no data")
         ordered = sorted(data, key=lambda d: d.get("index", 0) if isinstance(d.get("index"), int) else 0)
         vectors = [d.get("embedding") for d in ordered]
-        if not all(isinstance(v, list) for v in vectors):
+        # A list of floats, or a base64 string when the request asks for encoding_format "base64".
+        if not all(isinstance(v, list | str) for v in vectors):
             raise BadResponse("embeddings response holds an item without an embedding vector")
         usage = raw.get("usage") if isinstance(raw.get("usage"), dict) else None
         if usage is not None:
             usage = {"prompt_tokens": int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0),
                      "completion_tokens": 0}
-        return Completion({"embeddings": vectors}, None, usage, raw.get("model"), raw)
+        return Completion({"embeddings": vectors}, None, usage, raw.get("model"), raw, request_id)
 
     async def models(self) -> list[str] | None:
         """The model ids ``GET /models`` lists, or None where the server has no such list. Free of charge."""
@@ -267,7 +281,7 @@ class Provider:
             return None
         return [str(m["id"]) for m in items if isinstance(m, dict) and m.get("id")]
 
-    async def _chat_streamed(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _chat_streamed(self, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         session = self._require_session()
         payload = orjson.dumps({**body, **_STREAMING})
         timeout = self._streamed if self.streams else self._plain
@@ -279,20 +293,21 @@ class Provider:
                     self._on_status(resp.status)
                 if resp.status != 200:
                     raise self._error(resp.status, await resp.read(), resp.headers, info)
+                request_id = resp.headers.get("x-request-id")
                 if resp.content_type != "text/event-stream":
                     raw = _json_object(await resp.read())
                     self._stop_streaming("it answers streamed requests with plain JSON")
-                    return raw
+                    return raw, request_id
                 if not self.streams:
                     self.streams = True
                 # Read whole: aiohttp's read timeout restarts with every byte received all the same.
                 assembly = StreamAssembly()
                 assembly.feed(await resp.read())
-                return assembly.body()
+                return assembly.body(), request_id
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise self._translate(exc) from None
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         session = self._require_session()
         try:
             async with session.post(self._urls[path], data=orjson.dumps(body), params=self._params,
@@ -306,7 +321,7 @@ class Provider:
         info = self._rate_info(headers)
         if status != 200:
             raise self._error(status, data, headers, info)
-        return _json_object(data)
+        return _json_object(data), headers.get("x-request-id")
 
     def _require_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -350,23 +365,28 @@ class Provider:
 
     def _error(self, status: int, data: bytes, headers: Any, info: RateInfo | None = None) -> ProviderError:
         message, code, etype = "", None, None
+        sent = scrub(data[:MAX_ERROR_BODY].decode("utf-8", "replace"), self._key)
         try:
-            err = orjson.loads(data).get("error")
-            if isinstance(err, dict):
-                message = str(err.get("message") or "")
-                code = err.get("code")
-                etype = err.get("type")
-            elif isinstance(err, str):
-                message = err
-        except (orjson.JSONDecodeError, AttributeError):
-            message = data[:MAX_MESSAGE].decode("utf-8", "replace")
+            body: Any = orjson.loads(sent)
+        except orjson.JSONDecodeError:
+            body = sent  # an HTML error page, say: kept as the text it is
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+            code = err.get("code")
+            etype = err.get("type")
+        elif isinstance(err, str):
+            message = err
+        elif not isinstance(body, dict):
+            message = sent[:MAX_MESSAGE]
         code = str(code) if code is not None else None
         etype = str(etype) if etype is not None else None
         message = self._clean(message)
         text = f"HTTP {status} from {self.shown_url}" + (f" [{code}]" if code else "") + (
             f": {message}" if message else "")
         kw: dict[str, Any] = {"status": status, "code": code, "type": etype,
-                              "retry_after": parse_retry_after(headers), "rate_info": info}
+                              "retry_after": parse_retry_after(headers), "rate_info": info, "body": body,
+                              "request_id": headers.get("x-request-id")}
         if status == 429:
             if code == "insufficient_quota" or etype == "insufficient_quota":
                 return QuotaExhausted(text, **kw)
@@ -399,7 +419,14 @@ def _json_object(data: bytes) -> dict[str, Any]:
     return raw
 
 
-def _completion(raw: dict[str, Any]) -> Completion:
+def _usage(raw: dict[str, Any]) -> dict[str, int] | None:
+    usage = raw.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
+
+
+def _completion(raw: dict[str, Any], request_id: str | None = None) -> Completion:
     choices = raw.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise BadResponse("response has no choices")
@@ -411,10 +438,7 @@ def _completion(raw: dict[str, Any]) -> Completion:
     for key in ("tool_calls", "refusal", "reasoning_content", "reasoning"):
         if message.get(key):
             out[key] = message[key]
-    usage = raw.get("usage") if isinstance(raw.get("usage"), dict) else None
-    if usage is not None:
-        usage = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
-    return Completion(out, choice.get("finish_reason"), usage, raw.get("model"), raw)
+    return Completion(out, choice.get("finish_reason"), _usage(raw), raw.get("model"), raw, request_id)
 
 
 class StreamAssembly:
@@ -607,11 +631,12 @@ def _merge_function(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any
 def _stream_error(err: Any) -> ProviderError:
     """An error event in the middle of a stream (vLLM, OpenRouter): the server gave up on this answer."""
     if not isinstance(err, dict):
-        return ServerError(f"the server ended the stream with an error: {one_line(str(err))}", status=200)
+        return ServerError(f"the server ended the stream with an error: {one_line(str(err))}", status=200,
+                           body={"error": err})
     message = one_line(str(err.get("message") or ""))
     code = err.get("code")
     status = code if isinstance(code, int) and 400 <= code < 600 else None
     text = f"the server ended the stream with an error{f' {code}' if code is not None else ''}: {message}"
     if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
-        return BadRequest(text, status=status)
-    return ServerError(text, status=status)
+        return BadRequest(text, status=status, body={"error": err})
+    return ServerError(text, status=status, body={"error": err})

@@ -346,8 +346,10 @@ class Scheduler:
         if total == self.input_total and self.scans > 1:
             return  # a watch-mode rescan that found nothing new: nothing to journal
         self.input_total = total
+        summary = getattr(self.job, "input_summary", None)
         await self.journal.append({"k": "input", "total": self.input_total, "task_lines": lines_ok,
-                                   "problems": self.stats.input_problems, "t": time.time()})
+                                   "problems": self.stats.input_problems, "t": time.time(),
+                                   **(summary() if summary is not None else {})})
         await self.record_totals()
 
     async def _enqueue(self, task: Task) -> None:
@@ -674,7 +676,11 @@ class Scheduler:
     async def _record_fail(self, task: Task, exc: ProviderError) -> None:
         error = {"type": type(exc).__name__, "status": exc.status, "code": exc.code,
                  "message": scrub(str(exc), self._key)}
-        await self._append_problem({"k": "fail", "id": task.id, "stage": task.stage, **task.meta, "error": error})
+        rec: dict[str, Any] = {"k": "fail", "id": task.id, "stage": task.stage, **task.meta, "error": error}
+        if exc.body is not None:
+            # What the server answered, as it answered it (export --format batch shows it).
+            rec["response"] = {"status_code": exc.status, "request_id": exc.request_id, "body": exc.body}
+        await self._append_problem(rec)
         self.failed.add(id_key(task.id))
         self.stats.failed += 1
 

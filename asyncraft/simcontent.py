@@ -151,3 +151,30 @@ def embed(text: str, dim: int) -> list[float]:
         vec[idx] += 1.0 if h[4] & 1 else -1.0
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [round(v / norm, 6) for v in vec]
+
+
+def choice_reply(body: dict[str, Any], index: int) -> str:
+    """The content of choice ``index`` of a request with ``n`` > 1: the first is ``chat_reply``; the others
+    differ from it (as samples of a real model would), except where a schema fixes the shape."""
+    reply = chat_reply(body)
+    if index == 0 or requested_schema(body) is not None:
+        return reply
+    return f"{reply} (choice {index + 1})"
+
+
+def completion_reply(prompt: str) -> str:
+    """The text a legacy ``/v1/completions`` request gets: a continuation of the prompt."""
+    h = _digest(prompt)
+    return " " + " ".join(_WORDS[b % len(_WORDS)] for b in h[:8]) + "."
+
+
+def _logprob(token: str, rank: int) -> float:
+    return -round((_digest(token)[0] / 255.0) * 0.5 + rank * 1.25, 4)
+
+
+def token_logprobs(piece: str, top: int) -> dict[str, Any]:
+    """A logprobs entry of one token, in OpenAI's chat shape (with ``top`` alternatives)."""
+    alternatives = [piece] + [f"{piece.strip()}{'_' * i}" for i in range(1, top)]
+    return {"token": piece, "logprob": _logprob(piece, 0), "bytes": list(piece.encode()),
+            "top_logprobs": [{"token": t, "logprob": _logprob(t, i), "bytes": list(t.encode())}
+                             for i, t in enumerate(alternatives[:top])]}

@@ -1,14 +1,14 @@
 """``asyncraft simulate``: a built-in OpenAI-compatible server for tests, benchmarks and the demo.
 
-It serves ``/v1/chat/completions`` (also streamed), ``/v1/embeddings`` and ``/v1/models`` with
-deterministic content (a function of the request body only, so two simulators give the same
-answers), a latency distribution and a time per generated token, injected faults (429 with
-Retry-After, 500/503, hangs, streams that stop, connection resets, malformed bodies), optional key
-check, unknown models (404 as OpenAI, or 400 as LiteLLM), an exhaustible quota, and server-side
-requests/tokens-per-minute limits, announced with OpenAI's ``x-ratelimit-*`` headers, LiteLLM's
-``x-ratelimit-api_key-*`` names, or not at all (a 429 with Retry-After only). It can also behave like
-a server that cannot stream. ``/_sim/stats``, ``/_sim/config`` and ``/_sim/reset`` let tests count and
-steer it.
+It serves ``/v1/chat/completions`` (also streamed; ``n`` choices and ``logprobs`` as OpenAI returns
+them), ``/v1/completions``, ``/v1/embeddings`` and ``/v1/models`` with deterministic content (a function
+of the request body only, so two simulators give the same answers), a latency distribution and a time
+per generated token, injected faults (429 with Retry-After, 500/503, hangs, streams that stop,
+connection resets, malformed bodies), optional key check, unknown models (404 as OpenAI, or 400 as
+LiteLLM), an exhaustible quota, and server-side requests/tokens-per-minute limits, announced with
+OpenAI's ``x-ratelimit-*`` headers, LiteLLM's ``x-ratelimit-api_key-*`` names, or not at all (a 429 with
+Retry-After only). It can also behave like a server that cannot stream. ``/_sim/stats``,
+``/_sim/config`` and ``/_sim/reset`` let tests count and steer it.
 
 "Started" generations are the ones a real provider bills even if the client goes away: the request
 passed every check and the model began to answer. "Paid" ones were answered completely.
@@ -180,11 +180,25 @@ class SimStats:
                 "max_in_flight": self.max_in_flight, "embeddings": self.embeddings}
 
 
+def _words(content: str) -> list[str]:
+    """The pieces a streamed answer is sent in (and that logprobs are given for): a word and its space."""
+    return re.findall(r"\S+\s*", content) or [content]
+
+
+def _logprobs(content: str, top: int | None) -> dict[str, Any] | None:
+    """A choice's logprobs, in OpenAI's chat shape, when the request asks for them (``top`` alternatives)."""
+    if top is None:
+        return None
+    return {"content": [simcontent.token_logprobs(word, top) for word in _words(content)], "refusal": None}
+
+
 def _error(status: int, message: str, etype: str, code: str | None, headers: dict[str, str] | None = None,
            ) -> web.Response:
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    # As OpenAI, an error answer has a request id too (a failed line's batch output shows it).
+    request_id = "req_" + hashlib.blake2b(orjson.dumps([status, message]), digest_size=12).hexdigest()
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
-                        headers=headers)
+                        headers={"x-request-id": request_id, **(headers or {})})
 
 
 class Simulator:
@@ -202,10 +216,12 @@ class Simulator:
         self.app = web.Application(client_max_size=64 << 20)
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_post("/v1/embeddings", self._embeddings)
+        self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
         # Azure OpenAI routes: /openai/deployments/<name>/chat/completions?api-version=...
         self.app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
         self.app.router.add_post("/openai/deployments/{deployment}/embeddings", self._embeddings)
+        self.app.router.add_post("/openai/deployments/{deployment}/completions", self._completions)
         self.app.router.add_get("/_sim/stats", self._get_stats)
         self.app.router.add_post("/_sim/config", self._set_config)
         self.app.router.add_post("/_sim/reset", self._reset)
@@ -365,13 +381,20 @@ class Simulator:
         limit_headers = self._limit_headers(req_w, tok_w)
         fault = self._fault()
         streamed = bool(body.get("stream")) and cfg.stream_mode == "sse"
+        n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+        top = (body["top_logprobs"] if isinstance(body.get("top_logprobs"), int) else 0) if body.get("logprobs") \
+            else None
         if fault is None or fault == "stall":
-            content = simcontent.chat_reply(body)
-            finish = "stop"
-            if isinstance(max_tokens, int) and max_tokens > 0 and estimate_tokens(content) > max_tokens:
-                content = content[: max_tokens * 4]
-                finish = "length"
-            completion_tokens = estimate_tokens(content)
+            contents, finishes = [], []
+            for i in range(n):
+                content = simcontent.choice_reply(body, i)
+                finish = "stop"
+                if isinstance(max_tokens, int) and max_tokens > 0 and estimate_tokens(content) > max_tokens:
+                    content = content[: max_tokens * 4]
+                    finish = "length"
+                contents.append(content)
+                finishes.append(finish)
+            completion_tokens = sum(estimate_tokens(c) for c in contents)
             digest = body_hash(body)
             self.stats.started += 1  # from here on a real provider bills the call, answered or not
             self.stats.started_by_hash[digest] += 1
@@ -379,7 +402,7 @@ class Simulator:
                 # Charge what was used, not the max_tokens reserved (as OpenAI settles after the call).
                 tok_w.level = min(tok_w.capacity, tok_w.level + cost - prompt_tokens - completion_tokens)
             if streamed:
-                return await self._stream(request, body, model, content, finish, digest, prompt_tokens,
+                return await self._stream(request, body, model, contents, finishes, top, digest, prompt_tokens,
                                           completion_tokens, limit_headers, stall=fault == "stall")
         await self._latency()
         if fault is not None and fault != "stall":
@@ -409,8 +432,9 @@ class Simulator:
         payload = {
             "id": f"chatcmpl-{digest}", "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": "fp_asyncraft_sim",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                         "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c, "refusal": None},
+                         "logprobs": _logprobs(c, top), "finish_reason": f}
+                        for i, (c, f) in enumerate(zip(contents, finishes, strict=True))],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
@@ -438,21 +462,23 @@ class Simulator:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], model: str, content: str, finish: str,
-                      digest: str, prompt_tokens: int, completion_tokens: int,
+    async def _stream(self, request: web.Request, body: dict[str, Any], model: str, contents: list[str],
+                      finishes: list[str], top: int | None, digest: str, prompt_tokens: int, completion_tokens: int,
                       headers: dict[str, str], *, stall: bool = False) -> web.StreamResponse:
         """Headers at once (a real server accepts a streamed call before it generates), the first chunk
-        after the latency, then a chunk per word, each after its tokens' time."""
+        after the latency, then a chunk per word, each after its tokens' time. Several choices (``n``) are
+        sent one after the other, each chunk naming its choice's index."""
         resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream",
                                                        "x-request-id": f"req_{digest}"})
         await resp.prepare(request)
         self.stats.streamed += 1
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None, usage: dict[str, int] | None = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish_reason: str | None, usage: dict[str, int] | None = None,
+                  index: int = 0, logprobs: dict[str, Any] | None = None) -> bytes:
             obj: dict[str, Any] = {"id": f"chatcmpl-{digest}", "object": "chat.completion.chunk", "created": created,
                                    "model": model, "system_fingerprint": "fp_asyncraft_sim",
-                                   "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                   "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                 "finish_reason": finish_reason}]}
             if usage is not None:
                 obj["usage"] = usage
@@ -473,19 +499,30 @@ class Simulator:
             self.stats.faults["stall"] += 1
             await self._hang(request)
             return resp
-        words = re.findall(r"\S+\s*", content) or [content]
-        tail = [chunk({}, finish)]
+        usage = []
         if (body.get("stream_options") or {}).get("include_usage"):
-            tail.append(chunk({}, None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                         "total_tokens": prompt_tokens + completion_tokens}))
-        tail.append(b"data: [DONE]\n\n")
-        if self.config.token_ms > 0:
-            for word in words:
-                await asyncio.sleep(estimate_tokens(word) * self.config.token_ms / 1000.0)
+            usage.append(chunk({}, None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                          "total_tokens": prompt_tokens + completion_tokens}))
+        end = b"data: [DONE]\n\n"
+        if len(contents) > 1 or top is not None:
+            for index, (content, finish) in enumerate(zip(contents, finishes, strict=True)):
+                if index:
+                    await resp.write(chunk({"role": "assistant", "content": ""}, None, index=index))
+                for word in _words(content):
+                    await self._generate(estimate_tokens(word))
+                    entry = None if top is None else {"content": [simcontent.token_logprobs(word, top)],
+                                                      "refusal": None}
+                    await resp.write(chunk({"content": word}, None, index=index, logprobs=entry))
+                await resp.write(chunk({}, finish, index=index))
+            await resp.write(b"".join([*usage, end]))
+        elif self.config.token_ms > 0:
+            for word in _words(contents[0]):
+                await self._generate(estimate_tokens(word))
                 await resp.write(content_chunk(word))
-            await resp.write(b"".join(tail))
+            await resp.write(b"".join([chunk({}, finishes[0]), *usage, end]))
         else:  # an instant model: the whole answer at once
-            await resp.write(b"".join([content_chunk(word) for word in words] + tail))
+            await resp.write(b"".join([content_chunk(word) for word in _words(contents[0])]
+                                      + [chunk({}, finishes[0]), *usage, end]))
         await resp.write_eof()
         self._pay(digest, prompt_tokens, completion_tokens)
         return resp
@@ -540,7 +577,68 @@ class Simulator:
         self.stats.by_status["200"] += 1
         return web.json_response({"object": "list", "data": data, "model": body.get("model") or "sim-embed",
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-                                 dumps=lambda o: orjson.dumps(o).decode())
+                                 dumps=lambda o: orjson.dumps(o).decode(), headers={"x-request-id": f"req_{digest}"})
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        """Legacy text completions (``prompt`` in, ``choices[].text`` out), never streamed; ``n`` choices."""
+        self.stats.requests += 1
+        resp = await self._completions_inner(request)
+        self.stats.by_status[str(resp.status)] += 1
+        return resp
+
+    async def _completions_inner(self, request: web.Request) -> web.Response:
+        denied = self._check_auth(request)
+        if denied is not None:
+            return denied
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            return _error(400, "'prompt' must be a string or a list of strings", "invalid_request_error", None)
+        model = request.match_info.get("deployment") or body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "you must provide a model parameter", "invalid_request_error", None)
+        unknown = self._unknown_model(model)
+        if unknown is not None:
+            return unknown
+        refused = simcontent.BAD_REQUEST.search(raw.decode("utf-8", "replace"))
+        if refused is not None:
+            return _error(400, "Invalid 'prompt': this request is rejected on purpose (simulator marker).",
+                          "invalid_request_error", "invalid_value")
+        fault = self._fault()
+        await self._latency()
+        if fault in ("429", "500", "503"):
+            self.stats.faults[fault] += 1
+            return _error(int(fault), "injected fault", "server_error" if fault != "429" else "requests",
+                          "rate_limit_exceeded" if fault == "429" else None,
+                          {"retry-after": f"{self.config.fault_retry_after:g}"})
+        n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+        max_tokens = body.get("max_tokens")
+        choices: list[dict[str, Any]] = []
+        for p in prompts:
+            for i in range(n):
+                text = simcontent.completion_reply(p) + (f" ({i + 1})" if i else "")
+                finish = "stop"
+                if isinstance(max_tokens, int) and max_tokens > 0 and estimate_tokens(text) > max_tokens:
+                    text, finish = text[: max_tokens * 4], "length"
+                choices.append({"text": text, "index": len(choices), "logprobs": None, "finish_reason": finish})
+        prompt_tokens = sum(estimate_tokens(p) for p in prompts)
+        completion_tokens = sum(estimate_tokens(c["text"]) for c in choices)
+        await self._generate(completion_tokens)
+        digest = body_hash(body)
+        self.stats.started += 1
+        self.stats.started_by_hash[digest] += 1
+        self._pay(digest, prompt_tokens, completion_tokens)
+        payload = {"id": f"cmpl-{digest}", "object": "text_completion", "created": int(time.time()), "model": model,
+                   "system_fingerprint": "fp_asyncraft_sim", "choices": choices,
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}}
+        return web.Response(status=200, body=orjson.dumps(payload), content_type="application/json",
+                            headers={"x-request-id": f"req_{digest}"})
 
     async def _models(self, request: web.Request) -> web.Response:
         denied = self._check_auth(request)

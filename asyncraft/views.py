@@ -18,6 +18,7 @@ import orjson
 from asyncraft import records
 from asyncraft.cost import Budget
 from asyncraft.errors import ConfigError, StateDamaged
+from asyncraft.responses import answer_text
 from asyncraft.storage import ensure_current, open_read_only, readers, runfile
 from asyncraft.storage.layout import StateDir
 from asyncraft.storage.recover import Recovery
@@ -66,6 +67,7 @@ def status(sd: StateDir, budget: Budget | None = None) -> dict[str, Any]:
         "prompt_tokens": counters.get("prompt_tokens", 0),
         "completion_tokens": counters.get("completion_tokens", 0),
         "journal_seq": rec.next_seq - 1, "input_read": rec.last_input is not None, "stages": stages,
+        **{k: v for k, v in (rec.last_input or {}).items() if k in ("shared_lines", "repeated_custom_ids")},
         "cost": (round(budget.cost(counters.get("prompt_tokens", 0), counters.get("completion_tokens", 0)),
                        6) if budget is not None and priced else None),
         "damaged": [str(f) for f in rec.view.damage],
@@ -95,12 +97,18 @@ def format_status(st: dict[str, Any]) -> str:
                           "sets the damage aside and redoes the lost tasks"])
     total = st.get("total")
     lines = [
-        f"state dir   {st.get('state_dir')}  ({'running' if st.get('running') else 'not running'})",
+        f"state dir   {st.get('state_dir')}" + ("" if st.get("owner") else  # a state URL: the owner line says it
+                                                f"  ({'running' if st.get('running') else 'not running'})"),
+        *([f"owner       {st['owner']}"] if st.get("owner") else []),
         f"job         {st.get('job')}",
         f"tasks       {st.get('done')} done, {st.get('failed')} failed, "
         + (f"{st.get('pending')} pending of {total}" if total is not None else "total not known yet "
            "(the run stopped before its input was counted)"),
-        f"input       {st.get('input_problems', 0)} problem line(s) (see errors.jsonl)",
+        f"input       {st.get('input_problems', 0)} problem line(s) (see errors.jsonl)"
+        + (f"; {st['shared_lines']} line(s) share the answer of an earlier identical line"
+           if st.get("shared_lines") else "")
+        + (f"; {st['repeated_custom_ids']} line(s) repeat an earlier custom_id" if st.get("repeated_custom_ids")
+           else ""),
         f"tokens      {st.get('prompt_tokens', 0)} prompt + {st.get('completion_tokens', 0)} completion",
     ]
     if st.get("damaged"):
@@ -150,7 +158,7 @@ def _describe(rec: dict[str, Any]) -> str:
     tid = (rec.get("id") or "")[:12]
     if kind == "done":
         usage = rec.get("usage") or {}
-        text = ((rec.get("message") or {}).get("content") or "") if isinstance(rec.get("message"), dict) else ""
+        text = answer_text(rec)
         text = " ".join(str(text).split())
         return (f"{head} {rec.get('stage', ''):<10} {tid}  {where}  {usage.get('prompt_tokens', 0)}+"
                 f"{usage.get('completion_tokens', 0)} tok  {text[:80]!r}")

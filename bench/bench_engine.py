@@ -66,12 +66,51 @@ class Sim:
         self.proc.wait()
 
 
+def input_line(i: int, tag: str = "") -> bytes:
+    return orjson.dumps({"custom_id": f"r{i}", "body": {
+        "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
+        "max_tokens": 16}}) + b"\n"
+
+
+def asyncraft_run(base_url: str, inp: Path, state: Path, concurrency: int, **flags: str) -> float:
+    shutil.rmtree(state, ignore_errors=True)
+    n = sum(1 for _ in open(inp, "rb"))
+    settings = config.load("run", {"input": str(inp), "state_dir": str(state), "base_url": base_url,
+                                   "model": "sim-1", "concurrency": str(concurrency), "job": "prompts",
+                                   "progress_interval": "1000", **flags}, env={"ASYNCRAFT_API_KEY": "bench"})
+    t0 = time.perf_counter()
+    code = asyncio.run(app.main(settings))
+    elapsed = time.perf_counter() - t0
+    assert code == 0, code
+    return n / elapsed
+
+
+# Runs a module (or a script) as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at
+# exit. getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so a child
+# of this (large) benchmark process would report the parent's peak.
+PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def _report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
+                fh.write(line.split()[1])
+atexit.register(_report)
+module = sys.argv[1]
+sys.argv = sys.argv[1:]
+if module == "-":
+    import asyncraft.app
+elif module.endswith(".py"):
+    runpy.run_path(module, run_name="__main__")
+else:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
 def write_input(path: Path, n: int, tag: str = "") -> None:
     with open(path, "wb") as fh:
         for i in range(n):
-            fh.write(orjson.dumps({"custom_id": f"r{i}", "body": {
-                "messages": [{"role": "user", "content": f"Benchmark request {tag}{i}: say something."}],
-                "max_tokens": 16}}) + b"\n")
+            fh.write(input_line(i, tag))
 
 
 def bodies_of(path: Path) -> list[dict[str, Any]]:
@@ -86,9 +125,13 @@ def burn(seconds: float) -> None:
         pass
 
 
-async def bare_loop(base_url: str, bodies: list[dict[str, Any]], concurrency: int, extra_cpu: float = 0.0) -> float:
+async def bare_loop(base_url: str, bodies: list[dict[str, Any]], concurrency: int, extra_cpu: float = 0.0,
+                    stream: bool = False) -> float:
     """The baseline: same requests, same concurrency, nothing kept. ``extra_cpu`` seconds of busy work
-    per request turn it into a calibration: what ratio a given cost per request leads to."""
+    per request turn it into a calibration: what ratio a given cost per request leads to. With ``stream``,
+    the requests ask for a stream, as asyncraft's do by default, and the body is read whole, unparsed."""
+    if stream:
+        bodies = [{**b, "stream": True, "stream_options": {"include_usage": True}} for b in bodies]
     it = iter(bodies)
     headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
@@ -131,11 +174,12 @@ def cli_run(base_url: str, inp: Path, state: Path, concurrency: int, **env: str)
                  clean_env(ASYNCRAFT_BASE_URL=base_url, ASYNCRAFT_CONCURRENCY=str(concurrency), **env), n)
 
 
-def bare_run(base_url: str, inp: Path, concurrency: int, extra_us: float = 0.0) -> tuple[float, float]:
+def bare_run(base_url: str, inp: Path, concurrency: int, extra_us: float = 0.0,
+             stream: bool = False) -> tuple[float, float]:
     """The bare loop in a process of its own, so that it pays the same interpreter start."""
     n = sum(1 for _ in open(inp, "rb"))
     return child([sys.executable, str(Path(__file__).resolve()), "_bare", base_url, str(inp), str(concurrency),
-                  str(extra_us)], clean_env(), n)
+                  str(extra_us), "stream" if stream else "plain"], clean_env(), n)
 
 
 def median_ratio(ours: list[float], base: list[float]) -> float:
@@ -145,14 +189,17 @@ def median_ratio(ours: list[float], base: list[float]) -> float:
 def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: float, name: str,
             calibrate: tuple[float, ...] = ()) -> None:
     """Alternating rounds of the bare loop, asyncraft (streamed, as by default) and asyncraft with
-    ``ASYNCRAFT_STREAM=off``; medians. With ``calibrate``, also the bare loop doing that many extra
-    microseconds of CPU per request: the ratio such a cost leads to."""
+    ``ASYNCRAFT_STREAM=off``; medians. Each is compared with the bare loop asking the same of the server: a
+    streamed answer costs the simulator more CPU too, and at 0 ms latency both share the same two cores. With
+    ``calibrate``, also the bare loop doing that many extra microseconds of CPU per request: the ratio such a
+    cost leads to."""
     sim = Sim(*sim_args)
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
     try:
         inp = tmp / "in.jsonl"
         write_input(inp, n)
         bare: list[float] = []
+        bare_streamed: list[float] = []
         streamed: list[float] = []
         plain: list[float] = []
         burned: dict[float, list[float]] = {us: [] for us in calibrate}
@@ -161,17 +208,21 @@ def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: 
             sim.reset()
             bare.append(bare_run(sim.base_url, inp, concurrency)[0])
             sim.reset()
+            bare_streamed.append(bare_run(sim.base_url, inp, concurrency, stream=True)[0])
+            sim.reset()
             streamed.append(cli_run(sim.base_url, inp, tmp / "state", concurrency)[0])
             sim.reset()
             plain.append(cli_run(sim.base_url, inp, tmp / "state", concurrency, ASYNCRAFT_STREAM="off")[0])
             for us, got in burned.items():
                 sim.reset()
                 got.append(bare_run(sim.base_url, inp, concurrency, us)[0])
-        b = statistics.median(bare)
-        print(f"{name}: bare aiohttp loop {b:,.0f} req/s; python -m asyncraft run (fsync=batch, journal + "
-              f"snapshot) streamed {statistics.median(streamed):,.0f} req/s -> ratio {median_ratio(streamed, bare):.3f}"
-              f", not streamed {statistics.median(plain):,.0f} req/s -> ratio {median_ratio(plain, bare):.3f} "
-              f"(target >= {target}); medians of {rounds} rounds: bare={[round(x) for x in bare]} "
+        b, bs = statistics.median(bare), statistics.median(bare_streamed)
+        print(f"{name} (target >= {target}), python -m asyncraft run (fsync=batch, journal + snapshot) against "
+              f"the bare aiohttp loop asking the same: streamed {statistics.median(streamed):,.0f} req/s against "
+              f"{bs:,.0f} -> ratio {median_ratio(streamed, bare_streamed):.3f}; not streamed "
+              f"{statistics.median(plain):,.0f} req/s against {b:,.0f} -> ratio {median_ratio(plain, bare):.3f}; "
+              f"(streamed against the plain bare loop: {median_ratio(streamed, bare):.3f}); medians of {rounds} "
+              f"rounds: bare={[round(x) for x in bare]} bare_streamed={[round(x) for x in bare_streamed]} "
               f"streamed={[round(x) for x in streamed]} plain={[round(x) for x in plain]}")
         for us, got in burned.items():
             print(f"  calibration: bare loop + {us:g} us of CPU per request {statistics.median(got):,.0f} req/s "
@@ -181,12 +232,12 @@ def compare(sim_args: list[str], n: int, concurrency: int, rounds: int, target: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_throughput(_: argparse.Namespace) -> None:
+def bench_throughput(ns: argparse.Namespace) -> None:
     compare(["--latency-ms", "0"], 20_000, 100, 5, 0.75, "throughput floor (0 ms, c=100, 20k)", calibrate=(20, 40))
     compare(["--latency-ms", "200"], 10_000, 100, 3, 0.95, "throughput floor (200 ms, c=100, 10k)")
 
 
-def bench_latency(_: argparse.Namespace) -> None:
+def bench_latency(ns: argparse.Namespace) -> None:
     compare(["--latency-ms", "1000", "--latency-dist", "lognormal"], 20_000, 1000, 2, 0.95,
             "latency (1 s lognormal, c=1000, 20k)")
 
@@ -211,13 +262,13 @@ class InstantPool:
         return Completion({"content": "An instant answer."}, "stop", {"prompt_tokens": 12, "completion_tokens": 4},
                           body.get("model"))
 
-    embed = chat
+    embed = complete = chat
 
     def describe(self) -> list[dict[str, Any]]:
         return []
 
 
-def bench_overhead(_: argparse.Namespace) -> None:
+def bench_overhead(ns: argparse.Namespace) -> None:
     """CPU per task of whole runs (start-up, recovery, every task, final snapshot) with the instant provider."""
     n, rounds = 50_000, 5
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
@@ -235,45 +286,20 @@ def bench_overhead(_: argparse.Namespace) -> None:
 def in_process_cpu(inp: Path, state: Path, concurrency: int, n: int) -> float:
     """Microseconds of this process's CPU per task for one whole run in this process (every thread counts:
     the journal's and the feeder's too)."""
-    shutil.rmtree(state, ignore_errors=True)
-    settings = config.load("run", {"input": str(inp), "state_dir": str(state), "base_url": "http://127.0.0.1:9/v1",
-                                   "model": "sim-1", "concurrency": str(concurrency), "job": "prompts",
-                                   "progress": "off", "model_check": "off"}, env={"ASYNCRAFT_API_KEY": "bench"})
     c0 = time.process_time()
-    code = asyncio.run(app.main(settings))
-    assert code == 0, code
+    asyncraft_run("http://127.0.0.1:9/v1", inp, state, concurrency, progress="off", model_check="off")
     return (time.process_time() - c0) / n * 1e6
-
-
-# Runs a module as ``python -m`` would and writes the process's peak RSS (VmHWM, kB) to a file at exit.
-# getrusage's ru_maxrss is no use here: Linux carries it over from the forking parent through exec, so
-# a child of this (large) benchmark process would report the parent's peak.
-_PEAK_WRAPPER = """
-import atexit, os, runpy, sys
-def _report():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
-                fh.write(line.split()[1])
-atexit.register(_report)
-module = sys.argv[1]
-sys.argv = sys.argv[1:]
-if module != "-":
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-else:
-    import asyncraft.app
-"""
 
 
 def peak_rss_mb(args: list[str], env: dict[str, str], tmp: Path) -> float:
     """Peak RSS of ``python -m <args>`` (``args[0]`` = "-": just import asyncraft.app)."""
     peak_file = tmp / "peak"
-    subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
+    subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], env={**env, "BENCH_PEAK_FILE": str(peak_file)},
                    cwd=ROOT, check=True)
     return int(peak_file.read_text()) / 1024
 
 
-def bench_memory(_: argparse.Namespace) -> None:
+def bench_memory(ns: argparse.Namespace) -> None:
     n = 1_000_000
     sim = Sim("--latency-ms", "0")
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
@@ -316,7 +342,7 @@ def limit_rounds(name: str, sim_args: list[str], n: int, concurrency: int, round
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_ratelimit(_: argparse.Namespace) -> None:
+def bench_ratelimit(ns: argparse.Namespace) -> None:
     rpm, n = 3000, 2500  # 50 calls a second: about 50 s a round
     limit_rounds(f"announced limit (simulator {rpm} rpm with x-ratelimit headers, client --rpm {rpm}, c=64)",
                  ["--rpm", str(rpm), "--latency-ms", "50"], n, 64, 3, rpm, "target <= 1% and >= 0.95",
@@ -347,7 +373,7 @@ def bench_ratelimit(_: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_streaming(_: argparse.Namespace) -> None:
+def bench_streaming(ns: argparse.Namespace) -> None:
     # CPU per call, end to end: the client process's CPU time, streamed and not, at 0 ms latency.
     sim = Sim("--latency-ms", "0")
     tmp = Path(tempfile.mkdtemp(prefix="asyncraft-bench-"))
@@ -415,8 +441,8 @@ BENCHES = {"throughput": bench_throughput, "latency": bench_latency, "overhead":
 
 def main() -> None:
     if sys.argv[1:2] == ["_bare"]:  # the bare loop of bare_run(), in its own process
-        url, inp, concurrency, extra_us = sys.argv[2:6]
-        asyncio.run(bare_loop(url, bodies_of(Path(inp)), int(concurrency), float(extra_us) / 1e6))
+        url, inp, concurrency, extra_us, mode = sys.argv[2:7]
+        asyncio.run(bare_loop(url, bodies_of(Path(inp)), int(concurrency), float(extra_us) / 1e6, mode == "stream"))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=[*BENCHES, "all"])

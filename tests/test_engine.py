@@ -224,10 +224,11 @@ def test_malformed_input_lines_are_recorded_with_line_numbers(sim_factory: Any, 
     assert res.returncode == 0, res.stderr
     errors = [orjson.loads(x) for x in (tmp_path / "state" / "errors.jsonl").read_bytes().splitlines()]
     assert [e["line"] for e in errors] == [2, 3, 4, 5]
-    assert "not valid JSON" in errors[0]["msg"] and "/v1/embeddings" in errors[3]["msg"]
+    # Line 5 is an embeddings request with a chat body: no "input".
+    assert "not valid JSON" in errors[0]["msg"] and '"input"' in errors[3]["msg"]
     rows = export_rows(tmp_path / "state", env, tmp_path / "o.jsonl")
     assert [(r["line"], r["status"]) for r in rows] == [(1, "ok"), (2, "invalid"), (3, "invalid"), (4, "invalid"),
-                                                        (5, "invalid"), (7, "ok")]
+                                                        (5, "invalid"), (6, "blank"), (7, "ok")]
     status = run_cli("status", "--state-dir", str(tmp_path / "state"), "--json", env=env)
     st = orjson.loads(status.stdout)
     assert (st["total"], st["done"], st["failed"], st["pending"], st["input_problems"]) == (2, 2, 0, 0, 4)

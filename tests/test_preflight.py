@@ -51,6 +51,17 @@ def test_names_are_matched_as_ollama_and_llama_cpp_list_them() -> None:
     assert not preflight.listed("llama3.1", ["llama3.2:latest"])
 
 
+async def test_a_server_listing_one_model_file_takes_any_name(caplog: pytest.LogCaptureFixture) -> None:
+    # llama.cpp's servers list the file they loaded (as a path) and answer every model name with it.
+    path = "/opt/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    async with simulator(models=path) as sim:
+        await preflight.check(settings(sim.base_url, model="smollm2-135m-instruct"))
+    assert f"lists only the model file {path}" in caplog.text
+    async with simulator(models=f"{path},/opt/models/other.gguf") as sim:  # several files: names do matter
+        with pytest.raises(ConfigError, match="'smollm2-135m-instruct' is not served"):
+            await preflight.check(settings(sim.base_url, model="smollm2-135m-instruct"))
+
+
 async def test_a_server_without_a_model_list_is_skipped_quietly() -> None:
     async with simulator() as sim:  # serves any model and lists none
         await preflight.check(settings(sim.base_url, model="whatever-model"))

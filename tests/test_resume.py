@@ -22,9 +22,9 @@ def _run(inp: Path, state: Path, env: dict[str, str], *extra: str) -> subprocess
 
 def test_the_tracker_stops_at_the_first_line_not_settled() -> None:
     settled = {1, 2, 4}
-    tracker = InputTracker(InputPosition(0, 0, 0), lambda key, _problem: key is None or key in settled)
-    for line, key in ((1, 1), (2, 2), (3, None), (4, 5), (5, 4)):
-        tracker.add(line, line * 10, line, key, False)
+    tracker = InputTracker(InputPosition(0, 0, 0), lambda key, _problem: key in settled)
+    for line, keys in ((1, (1,)), (2, (2,)), (3, ()), (4, (5,)), (5, (4,))):
+        tracker.add(line, line * 10, line, keys, False)
     assert tracker.advance() == InputPosition(30, 3, 3)  # line 4's task (key 5) is not settled
     settled.add(5)
     assert tracker.advance() == InputPosition(50, 5, 5)
@@ -33,7 +33,7 @@ def test_the_tracker_stops_at_the_first_line_not_settled() -> None:
 def test_the_tracker_follows_a_bounded_number_of_lines() -> None:
     tracker = InputTracker(InputPosition(0, 0, 0), lambda key, _problem: key != 1, cap=3)
     for line in range(1, 10):
-        tracker.add(line, line, line, line, False)
+        tracker.add(line, line, line, (line,), False)
     assert not tracker.feeding
     assert tracker.advance() == InputPosition(0, 0, 0)
 

@@ -15,7 +15,7 @@ class Task:
     stage: str
     body: dict[str, Any]  # the request body sent to the API
     meta: dict[str, Any] = field(default_factory=dict)  # small, copied into the record
-    endpoint: str = "chat"  # "chat" or "embed"
+    endpoint: str = "chat"  # "chat", "complete" (legacy /completions) or "embed"
     attempt: int = 0  # job-level attempts already paid for (answers that failed to parse)
     # The job's own, neither sent nor journaled: e.g. the chunk an answer's quotes are checked against
     # (the body holds it inside a prompt, and a record must not hold it once per question).

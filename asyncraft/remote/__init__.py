@@ -9,6 +9,9 @@
         attached.replicator.stop()
 
     await restore(remote, empty_dir)                     # read-only copy for status/export/verify/tail
+
+The commands reach this through ``asyncraft.remote.product`` (what the storage layer's manifests name, the
+lease holder of a state dir, the read-only copy), imported only when a state URL is given.
 """
 
 from asyncraft.remote.client import Remote, scrub

@@ -405,27 +405,37 @@ class Replicator:
                 while k + 1 < len(points) and points[k + 1].end - offset <= CHUNK_MAX:
                     k += 1
                 point = points[k]
+                # Out of the list while it is read and uploaded: a commit arriving meanwhile must start a new point,
+                # not be merged into one already being shipped (its bytes would be dropped with it).
+                shipping = points[: k + 1]
+                del points[: k + 1]
                 try:
                     data = await asyncio.to_thread(_read_range, self._root / "journal" / name, offset, point.end)
                 except FileNotFoundError:
                     if self._segment_covered(point.last):
                         del points[:]
                         break
+                    points[:0] = shipping
                     if self._manifest is not None:
                         self._wake.set()
                         return  # compacted away locally: its manifest ships first, next round
                     raise RemoteStateError(f"journal segment {name} disappeared before it was replicated, "
                                            "and no manifest covers it") from None
+                except BaseException:
+                    points[:0] = shipping
+                    raise
                 self._fp.hit("remote.before_chunk")
                 try:
                     await self._remote.create(chunk_key(self._gen, name, offset, point.end, point.last), data)
                 except AlreadyExists:
                     pass  # our own earlier attempt: the key fixes the bytes
+                except BaseException:
+                    points[:0] = shipping
+                    raise
                 self._fp.hit("remote.after_chunk")
                 self._ends[name] = point.end
                 if offset == 0 and self._lease.head.manifest is not None:
                     self._cleanup_due = True  # a segment the manifest covers may have been waiting for a later one
-                del points[: k + 1]
                 self.durable_seq = max(self.durable_seq, point.last)
 
     def _segment_covered(self, last: int) -> bool:

@@ -24,6 +24,7 @@ from typing import Literal, TypeVar
 
 import orjson
 
+from asyncraft import records
 from asyncraft.remote.client import Remote
 from asyncraft.remote.errors import ObjectMissing, RemoteStateError, RemoteUnavailable
 from asyncraft.remote.layout import (
@@ -37,6 +38,7 @@ from asyncraft.remote.layout import (
     next_start,
     parse_listing,
     resolve,
+    segment_first,
     start_key,
 )
 from asyncraft.remote.lease import Lease, default_holder
@@ -176,6 +178,7 @@ async def _download(remote: Remote, head: Head, view: View, dest: Path,
                 tg.create_task(fetch_segment(name))
         if head.manifest is not None:
             await fetch(head.manifest.key, head.manifest.name)  # after the files it names
+        await asyncio.to_thread(_open_segment, dest, head, view)
         if head.meta is not None:
             await fetch(head.meta, META_NAME)  # last: a dir without it is not a state yet
     except BaseExceptionGroup as group:
@@ -183,6 +186,29 @@ async def _download(remote: Remote, head: Head, view: View, dest: Path,
     await asyncio.to_thread(_fsync_tree, dest)
     files = len(head.manifest.files) + 1 if head.manifest else 0
     return Restored(files + (head.meta is not None), sum(sizes), len(view.segments), view.end_seq)
+
+
+def _open_segment(dest: Path, head: Head, view: View) -> None:
+    """Create the empty segment the writer had created before anything named it (a seal, or the manifest that
+    covers every record): the store holds no object for a segment with no bytes, and without it the state
+    would look cut short."""
+    if view.segments:
+        nxt = _sealed_next(dest / "journal" / max(view.segments, key=segment_first))
+    elif head.manifest is not None:
+        nxt = head.manifest.seq + 1
+    else:
+        nxt = 1 if head.meta is not None else None
+    if nxt is not None:
+        path = dest / "journal" / f"{nxt:012d}.jsonl"
+        if not path.exists():
+            path.touch()
+
+
+def _sealed_next(segment: Path) -> int | None:
+    data = segment.read_bytes().rstrip(b"\n")
+    rec = records.decode(data[data.rfind(b"\n") + 1 :] + b"\n") if data else None
+    nxt = rec.get("next") if rec is not None and rec.get("k") == "seal" else None
+    return nxt if isinstance(nxt, int) else None
 
 
 def _concat(parts: list[Path], out: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,10 @@ def write_manifest(fs: FS, sd: StateDir, chain: list[dict[str, Any]], seq: int, 
 
 
 def compact(fs: FS, sd: StateDir, segments: list[tuple[int, int, Path]], chain: list[dict[str, Any]],
-            counts: dict[str, int]) -> Compacted:
+            counts: dict[str, int], made: Callable[[Path, Path, Path], None] | None = None) -> Compacted:
     """Turn sealed segments (each ending with its seal) into one run; the next segment already exists.
-    ``counts`` are the task counts through the last seq of the segments."""
+    ``counts`` are the task counts through the last seq of the segments. ``made(run, index, manifest)`` is
+    told once the manifest is durable, before the segments it covers go (the object-store replica's hook)."""
     first = segments[0][0]
     data, index_blob, header = runfile.build_run(segment_lines(segments), first)
     fs.write_atomic(sd.runs / header.name, data)
@@ -71,6 +72,9 @@ def compact(fs: FS, sd: StateDir, segments: list[tuple[int, int, Path]], chain: 
     fs.write_atomic(runfile.index_path_for(sd.runs / header.name), index_blob)
     new_chain = [*chain, manifest_entry(header)]
     write_manifest(fs, sd, new_chain, header.last, counts)
+    if made is not None:
+        made(sd.runs / header.name, runfile.index_path_for(sd.runs / header.name),
+             sd.snapshots / manifest_name(header.last))
     fs.fp.hit("snapshot.before_release")
     for _first, _last, path in segments:
         fs.unlink(path)
