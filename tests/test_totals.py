@@ -98,6 +98,18 @@ def test_lines_are_counted_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert count_lines(path) == lines, data
 
 
+def test_the_count_less_the_lines_without_a_task_for_every_sample(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(_lines(10) + b"\n{oops\n")
+    job = PromptsJob(path, model="m", extra_body={}, samples=3)
+    assert job.totals(None) is None
+    job.count_input(threading.Event())
+    assert job.totals(None) == {"prompts": {"total": 36}}  # 12 lines, 3 samples each, before any is read
+    assert sum(isinstance(t, Task) for t in job.roots()) == 30
+    assert job.totals(None) == {"prompts": {"total": 30}}  # the blank and the invalid line make no task
+    assert job.totals(30) == {"prompts": {"total": 30}}
+
+
 async def test_the_prompts_total_eta_and_projected_cost_are_known_before_the_input_is_read(tmp_path: Path) -> None:
     """2,000 lines, answers held back: the total is the count, before the feeder has read the input (its queue
     is full); once 20 answers are in, the ETA and the projected cost follow from them."""
