@@ -7,6 +7,7 @@ simulator on 127.0.0.1 (a separate process).
     python bench/bench_storage.py resume     # first request after resuming 0.1M / 1M / 10M done records
     python bench/bench_storage.py export     # time and peak RSS of exporting 0.1M / 1M / 10M results
     python bench/bench_storage.py snapshot   # compacting 100k records onto 0 / 0.1M / 1M / 10M compacted
+    python bench/bench_storage.py lookup     # a task's state by id (new, or done in the oldest run) against history
     python bench/bench_storage.py size       # sealed runs against plain JSONL; CPU of the compression
     python bench/bench_storage.py all
 
@@ -71,7 +72,7 @@ PROSE_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decim
                  "socket", "sqlite3", "ssl", "subprocess", "tarfile", "threading", "unittest", "urllib.request",
                  "zipfile")
 RECOVERED = re.compile(r"recovered (\d+) done, (\d+) failed up to seq (\d+) in ([\d.]+)s")
-EXPORTED = re.compile(r"wrote (\d+) rows to .* \((.*)\) in ([\d.]+)s")
+EXPORTED = re.compile(r"wrote (\d+) rows to .* \((.*)\)")
 FLOOR_SCRIPT = """
 import sys
 import orjson
@@ -362,14 +363,37 @@ class Resumed:
     start: float  # interpreter start + import asyncraft.app, median of one before each round
 
 
+def record_position_of_this_file(state: Path, inp: Path) -> None:
+    """Append to the live journal the input position as a run stopped on this very file records it (the file has
+    not changed since, so the resume trusts the file's identity and reads no part of the prefix)."""
+    sd = StateDir(state)
+    rec = storage.open_read_only(sd)
+    try:
+        pos = dict(rec.latest["inpos"])
+    finally:
+        rec.tasks.close()
+    st = inp.stat()
+    pos.update(ino=st.st_ino, dev=st.st_dev, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    for k in ("seq", "b", "c"):
+        pos.pop(k, None)
+    (first, seg), = sd.segments()
+    if seg.stat().st_size:
+        raise SystemExit(f"{seg}: the live journal of a generated state is empty")
+    seg.write_bytes(Sequencer(first).line(pos))
+
+
 def resume_rounds(gen: Generated, inp: Path, rounds: int, sim: Sim, poller: StatsPoller, env: dict[str, str],
-                  work: Path) -> Resumed:
-    """Resume a fresh copy of ``gen`` with ``inp``, ``rounds`` times; check that exactly the new lines are paid."""
+                  work: Path, *, same_file: bool = False) -> Resumed:
+    """Resume a fresh copy of ``gen`` with ``inp``, ``rounds`` times; check that exactly the new lines are paid.
+    With ``same_file`` the recorded position was taken on ``inp`` as it is (a stopped run resumed), otherwise
+    on the input before its new lines were appended (the prefix's CRC is checked)."""
     firsts, recoveries, peaks, exits, starts = [], [], [], [], []
     for _ in range(rounds):
         # The baseline right before each round: on a shared machine the load moves within minutes.
         starts.append(run_child(["-"], env, work).seconds)
         clone_state(gen.state, work / "state")
+        if same_file:
+            record_position_of_this_file(work / "state", inp)
         sim.reset()
         got = run_child(["asyncraft", "run", "--input", str(inp), "--state-dir", str(work / "state")], env, work,
                         poller)
@@ -380,6 +404,8 @@ def resume_rounds(gen: Generated, inp: Path, rounds: int, sim: Sim, poller: Stat
             raise SystemExit(f"resume of {gen.state} failed (exit {got.code}):\n{got.stderr[-3000:]}")
         if stats["paid"] != NEW_LINES or twice:
             raise SystemExit(f"resume paid {stats['paid']} calls ({twice} twice); {NEW_LINES} expected")
+        if gen.n and inp == gen.input and f"reading from line {gen.n + 1} " not in got.stderr:
+            raise SystemExit(f"resume of {gen.state} read its input from the start:\n{got.stderr[-3000:]}")
         firsts.append(got.first_request)
         recoveries.append(float(m.group(4)))
         peaks.append(got.peak_mb)
@@ -402,7 +428,7 @@ def new_lines_input(gen: Generated) -> Path:
 def bench_resume(ns: argparse.Namespace) -> None:
     sim = Sim("--latency-ms", "0")
     poller = StatsPoller(sim)
-    curves: dict[str, list[tuple[int, float]]] = {"whole input": [], "new lines only": []}
+    curves: dict[str, list[tuple[int, float]]] = {"input grown": [], "input unchanged": [], "new lines only": []}
     try:
         with workdir(ns) as base:
             work = base / "work"
@@ -424,8 +450,13 @@ def bench_resume(ns: argparse.Namespace) -> None:
                 gen = state_for(ns, base, n)
                 got = resume_rounds(gen, gen.input, ns.rounds, sim, poller, env, work)
                 target = {1_000_000: " (target <= 2 s)", 10_000_000: " (target <= 3 s)"}.get(n, "")
-                show(f"all in runs, {NEW_LINES:,} new lines at the end of the input", n, got, target)
-                curves["whole input"].append((n, got.first))
+                show(f"all in runs, {NEW_LINES:,} new lines appended to the input since its position was "
+                     "recorded (the prefix's CRC is checked)", n, got, target)
+                curves["input grown"].append((n, got.first))
+                got = resume_rounds(gen, gen.input, ns.rounds, sim, poller, env, work, same_file=True)
+                show(f"all in runs, the last {NEW_LINES:,} lines of the input unhandled and the input unchanged "
+                     "since its position was recorded (a stopped run resumed)", n, got, target)
+                curves["input unchanged"].append((n, got.first))
                 got = resume_rounds(gen, new_lines_input(gen), ns.rounds, sim, poller, env, work)
                 show(f"all in runs, input cut to its {NEW_LINES:,} new lines (what a resume that skips the "
                      "recorded prefix reads)", n, got)
@@ -466,7 +497,7 @@ def bench_export(ns: argparse.Namespace) -> None:
             for _ in range(ns.rounds):
                 clone_state(gen.state, work / "state")
                 got = run_child(["asyncraft", "export", "--state-dir", str(work / "state"), "--format", "prompts",
-                                 "--out", str(out)], env, work)
+                                 "--out", str(out), "--partial"], env, work)
                 m = EXPORTED.search(got.stderr)
                 if got.code != 0 or m is None:
                     raise SystemExit(f"export of {gen.state} failed (exit {got.code}):\n{got.stderr[-3000:]}")
@@ -490,8 +521,52 @@ def bench_export(ns: argparse.Namespace) -> None:
             shutil.rmtree(work / "state", ignore_errors=True)
 
 
+LOOKUPS = 20_000
+
+
+def bench_lookup(ns: argparse.Namespace) -> None:
+    """A task's state looked up by id, as the scheduler does for every task it queues and every record it commits:
+    ids that are in no run (a new task) and ids done in the oldest run (the deepest lookup), against history."""
+    import random
+
+    rng = random.Random(8)
+    with workdir(ns) as base:
+        results = []
+        for n in ns.sizes:
+            gen = state_for(ns, base, n)
+            job = app.make_job(run_settings(gen.input, gen.state, "http://127.0.0.1:9/v1"))
+            # Every round looks up ids it has not looked up before: TaskStates remembers the rows it read lately.
+            done_ids = [records.id_key(t.id) for t in itertools.islice(job.roots(), min(n, LOOKUPS * ns.rounds))
+                        if isinstance(t, Task)]
+            rec = storage.open_read_only(StateDir(gen.state))
+            try:
+                times: dict[str, list[float]] = {"new": [], "oldest run": []}
+                for r in range(ns.rounds):
+                    absent = [rng.getrandbits(128) for _ in range(LOOKUPS)]
+                    oldest = done_ids[r * LOOKUPS : (r + 1) * LOOKUPS]
+                    for name, keys in (("new", absent), ("oldest run", oldest)):
+                        t0 = time.process_time()  # CPU time: on a shared machine the wall clock counts waits
+                        hits = sum(1 for k in keys if k in rec.done)
+                        times[name].append((time.process_time() - t0) / LOOKUPS * 1e6)
+                        if hits != (0 if name == "new" else len(keys)):
+                            raise SystemExit(f"lookup in {gen.state}: {hits} of {len(keys)} {name} ids found done")
+                runs = len(rec.view.runs)
+            finally:
+                rec.tasks.close()
+            results.append((n, statistics.median(times["new"])))
+            print(f"lookup in {n:,} done ({runs} runs), CPU: new id {statistics.median(times['new']):.1f} us "
+                  f"{fmt_rounds(times['new'])}, id done in the oldest run {statistics.median(times['oldest run']):.1f}"
+                  f" us {fmt_rounds(times['oldest run'])} (median of {ns.rounds}; {LOOKUPS:,} ids each)", flush=True)
+    if len(results) > 1:
+        (n0, t0), (n1, t1) = results[0], results[-1]
+        print("lookup curve, new id: " + " / ".join(f"{size_name(n)} {t:.1f} us" for n, t in results)
+              + f" -> {size_name(n1)} / {size_name(n0)} = {t1 / t0:.1f} (flat = 1)")
+
+
 def bench_snapshot(ns: argparse.Namespace) -> None:
-    """Compaction of one snapshot's worth of records (100k) onto states holding 0 .. N compacted records."""
+    """Compaction of one snapshot's worth of records (100k) onto states holding 0 .. N compacted records, as the
+    journal does it: the run, its index and the manifest written and synced, the segments released, then the new
+    run's task index opened and put in front of the live journal's states."""
     with workdir(ns) as base:
         work = base / "work"
         work.mkdir(exist_ok=True)
@@ -499,10 +574,10 @@ def bench_snapshot(ns: argparse.Namespace) -> None:
         write_lines(snap_input, SNAPSHOT_RECORDS, SNAPSHOT_RECORDS, tag="snapshot ")
         job = app.make_job(run_settings(snap_input, work / "unused", "http://127.0.0.1:9/v1"))
         fresh = [done_record(t) for t in job.roots() if isinstance(t, Task)]
-        results: list[tuple[int, list[float]]] = []
+        results: list[tuple[int, list[float], list[float]]] = []
         for n in [0, *ns.sizes]:
             gen = state_for(ns, base, n)
-            times = []
+            walls, cpus = [], []
             for _ in range(ns.rounds):
                 clone_state(gen.state, work / "state")
                 sd, fs = StateDir(work / "state"), FS()
@@ -511,18 +586,32 @@ def bench_snapshot(ns: argparse.Namespace) -> None:
                 data = b"".join(seq.line(dict(r)) for r in fresh) + seq.seal()
                 seg.write_bytes(data)
                 (sd.journal / seg_name(seq.next)).write_bytes(b"")
-                rec = open_state(sd, fs)
-                chain = [manifest_entry(ref.header) for ref in rec.view.runs]
-                t0 = time.perf_counter()
-                compact(fs, sd, rec.segments[:-1], chain, rec.tasks.counts())
-                times.append(time.perf_counter() - t0)
-            results.append((n, times))
-            print(f"snapshot of {SNAPSHOT_RECORDS:,} records onto {n:,} compacted: {statistics.median(times):.2f} s, "
-                  f"median of {fmtn(times)}", flush=True)
+                fd = sd.lock()
+                try:
+                    rec = storage.open_for_run(sd, fs)
+                    chain = [manifest_entry(ref.header) for ref in rec.view.runs]
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    done = compact(fs, sd, rec.segments[:-1], chain, rec.tasks.counts())
+                    rec.tasks.add_run(runfile.open_tasks(runfile.index_path_for(sd.runs / done.header.name)))
+                    walls.append(time.perf_counter() - t0)
+                    cpus.append((time.process_time() - c0) / SNAPSHOT_RECORDS * 1e6)
+                    if rec.tasks.tail or len(rec.done) != n + SNAPSHOT_RECORDS:
+                        raise SystemExit(f"compaction onto {gen.state}: {len(rec.done)} done, {len(rec.tasks.tail)} "
+                                         "left in the live states")
+                    rec.tasks.close()
+                finally:
+                    os.close(fd)
+            results.append((n, walls, cpus))
+            print(f"snapshot of {SNAPSHOT_RECORDS:,} records onto {n:,} compacted: {statistics.median(walls):.2f} s "
+                  f"{fmt_rounds(walls)}, CPU {statistics.median(cpus):.1f} us a record {fmt_rounds(cpus)} (median of "
+                  f"{ns.rounds})", flush=True)
         shutil.rmtree(work / "state", ignore_errors=True)
-    t0 = statistics.median(results[0][1])
-    print("snapshot curve: " + " / ".join(f"{size_name(n)} {statistics.median(t):.2f} s" for n, t in results)
-          + f" -> ratio to the first {statistics.median(results[-1][1]) / t0:.2f} (flat = 1)")
+    _n0, w0, c0 = results[0]
+    _n1, w1, c1 = results[-1]
+    print("snapshot curve: " + " / ".join(f"{size_name(n)} {statistics.median(w):.2f} s, {statistics.median(c):.1f} us"
+                                          for n, w, c in results)
+          + f" -> last / first: wall {statistics.median(w1) / statistics.median(w0):.2f}, CPU "
+          f"{statistics.median(c1) / statistics.median(c0):.2f} (flat = 1)")
 
 
 @dataclass
@@ -552,11 +641,12 @@ def read_corpus(name: str, state: Path) -> Corpus:
 
 
 def best_of(rounds: int, fn: Any) -> float:
+    """The least CPU time of ``rounds`` calls: on a shared machine the wall clock also counts the waits for a core."""
     times = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times)
 
 
@@ -670,7 +760,8 @@ def size_of(c: Corpus, rounds: int) -> None:
               f"{t_d / n * 1e6:.2f} us/record")
 
 
-BENCHES = {"resume": bench_resume, "export": bench_export, "snapshot": bench_snapshot, "size": bench_size}
+BENCHES = {"resume": bench_resume, "export": bench_export, "snapshot": bench_snapshot, "lookup": bench_lookup,
+           "size": bench_size}
 
 
 def main() -> None:

@@ -54,12 +54,11 @@ def lookup(runs: Sequence[RunTasks], key: bytes) -> Row | None:
         run = runs[i]
         if not run.n:
             continue
-        lines, at, mm, ok = run.filter_params()
+        lines, bloom, ok = run.filter_params()
         pos = (h1 % lines) * FILTER_LINE
         if not ok[pos // BLOOM_BLOCK]:
             run.check_bloom_block(pos // BLOOM_BLOCK)
-        start = at + pos
-        if int.from_bytes(mm[start : start + FILTER_LINE], "little") & mask != mask:
+        if int.from_bytes(bloom[pos : pos + FILTER_LINE], "little") & mask != mask:
             continue
         e = run.find(key)
         if e is None:
