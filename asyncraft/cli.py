@@ -49,6 +49,35 @@ left) - run the same command again to continue; 2 bad configuration; 1 damaged s
 process; 74 a write or fsync of the state failed.
 """
 
+RUN_USAGE = "%(prog)s --input PATH [--job prompts|raft] [--state-dir DIR] [option ...]"
+
+RUN_EPILOG = """Every option also reads ASYNCRAFT_<NAME> from the environment (flag > environment > default).
+The API key comes from ASYNCRAFT_API_KEY or OPENAI_API_KEY and is never written anywhere.
+
+examples (sample inputs in the repository's examples/ folder):
+  # no server of your own yet: the built-in simulator answers like an OpenAI-compatible API
+  python -m asyncraft simulate --port 8000 &
+  export ASYNCRAFT_BASE_URL=http://127.0.0.1:8000/v1 ASYNCRAFT_MODEL=sim-1 ASYNCRAFT_API_KEY=any
+
+  # the prompts job: one completion per JSONL line (OpenAI Batch API lines or bare chat bodies)
+  python -m asyncraft run --job prompts --input examples/prompts.jsonl --state-dir prompts-state/
+  python -m asyncraft export --state-dir prompts-state/ --format prompts --out results.jsonl
+
+  # the RAFT job: documents -> questions per chunk -> a chain-of-thought answer per question
+  python -m asyncraft run --job raft --input examples/docs/ --state-dir raft-state/ --questions 3
+  python -m asyncraft export --state-dir raft-state/ --format chat --out train.jsonl --split eval=0.1
+
+  # inside a provider's limits, with a spending cap
+  python -m asyncraft run --input big.jsonl --state-dir big/ --concurrency 200 --rpm 5000 --tpm 2000000 \\
+      --price-input-per-m 0.15 --price-output-per-m 0.6 --max-cost 20
+
+  # stopped (Ctrl-C, kill -9, exit 75)? run the same command again: it goes on where it stopped
+  python -m asyncraft status --state-dir prompts-state/
+
+exit status: 0 finished; 75 stopped before the end - run the same command again to continue;
+2 bad configuration; 1 damaged state or in use by another process; 74 a write or fsync of the state failed.
+"""
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -82,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"asyncraft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text,
+    def add(name: str, help_text: str, usage: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, usage=usage, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         config.add_arguments(p, name)
         return p
 
-    run = add("run", "run a job (resumes the state dir if it exists)")
+    run = add("run", "run a job (resumes the state dir if it exists)", usage=RUN_USAGE, epilog=RUN_EPILOG)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     st = add("status", "counts of a state dir (live numbers while a run is going)")
     st.add_argument("--json", action="store_true", help="print JSON")

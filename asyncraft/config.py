@@ -164,6 +164,7 @@ class Option:
     flag: bool = True  # False: environment only (secrets, test hooks)
     metavar: str | None = None
     is_bool: bool = False
+    group: str = ""  # a key of GROUPS: where --help lists it
 
     @property
     def env(self) -> str:
@@ -176,171 +177,192 @@ class Option:
 
 _STATEFUL = ("run", "status", "tail", "export", "verify")
 
+# The sections of --help, in this order: what to run first, then the server, how fast and how much, the
+# RAFT job, export, and what only matters when something goes wrong or a run is watched.
+GROUPS: dict[str, str] = {
+    "job": "job and state",
+    "api": "API (the server, the model and how calls are made)",
+    "limits": "limits and spending",
+    "raft": "RAFT job",
+    "export": "export",
+    "durability": "durability",
+    "operations": "operations (shutdown, progress, logs, metrics)",
+}
+
 OPTIONS: tuple[Option, ...] = (
     Option("state_dir", _text, "asyncraft-state", "directory holding the journal, snapshots and errors",
-           commands=_STATEFUL, metavar="DIR"),
+           commands=_STATEFUL, metavar="DIR", group="job"),
     Option("input", _text, "", "input: a JSONL file of chat requests (prompts job) or a file/folder of documents "
-           "(raft job); export re-reads it for input order", commands=("run", "export"), metavar="PATH"),
+           "(raft job); export re-reads it for input order", commands=("run", "export"), metavar="PATH", group="job"),
     Option("job", _choice("prompts", "raft"), "prompts", "which job to run: prompts (JSONL of chat requests "
-           "in, one completion per line out) or raft", metavar="JOB"),
+           "in, one completion per line out) or raft", metavar="JOB", group="job"),
     # -- the prompts job --
     Option("samples", _number(int, 1, 1000), 1, "prompts: independent answers per input line (the sample index "
-           "is part of the task id; exports carry it); at 1, identical lines share one answer", metavar="K"),
+           "is part of the task id; exports carry it); at 1, identical lines share one answer", metavar="K",
+           group="job"),
     # -- the raft job (they change what is generated: recorded in the state dir's fingerprint) --
     Option("questions", _number(int, 1, 100), 5, "raft: questions generated per chunk (one call per chunk)",
-           metavar="N"),
+           metavar="N", group="raft"),
     Option("distractors", _number(int, 0, 100), 3, "raft: distractor chunks in the context of each record",
-           metavar="K"),
+           metavar="K", group="raft"),
     Option("p", _number(float, 0.0, 1.0), 0.8, "raft: probability that a record's context holds its oracle chunk "
-           "(the RAFT paper's P)", metavar="P"),
+           "(the RAFT paper's P)", metavar="P", group="raft"),
     Option("chunk_size", _number(int, 16, 100_000), 512, "raft: chunk size in estimated tokens (4 characters a "
-           "token)", metavar="TOKENS"),
+           "token)", metavar="TOKENS", group="raft"),
     Option("chunk_overlap", _number(int, 0, 50_000), 0, "raft: tokens of whole sentences that neighbouring chunks "
-           "share (at most half of --chunk-size)", metavar="TOKENS"),
+           "share (at most half of --chunk-size)", metavar="TOKENS", group="raft"),
     Option("chunker", _choice("simple", "semantic"), "simple", "raft: simple (offline, sentence-aware) or semantic "
            "(cuts where /v1/embeddings shows the topic moving; those calls are journaled like every other)",
-           metavar="KIND"),
+           metavar="KIND", group="raft"),
     Option("embedding_model", _text, "text-embedding-3-small", "raft: embeddings model of --chunker semantic",
-           metavar="NAME"),
+           metavar="NAME", group="raft"),
     Option("prompt_style", _choice("gpt", "llama"), "gpt", "raft: built-in prompts, as raft.py's gpt and llama "
-           "prompt keys", metavar="STYLE"),
+           "prompt keys", metavar="STYLE", group="raft"),
     Option("question_template", _optional_text, None, "raft: question prompt file: text is the user message "
-           "with {chunk} and {n}; .json is a list of {role, content} messages", metavar="FILE"),
+           "with {chunk} and {n}; .json is a list of {role, content} messages", metavar="FILE", group="raft"),
     Option("answer_template", _optional_text, None, "raft: answer prompt file: text is the user message with "
-           "{question} and {context}; .json is a list of {role, content} messages", metavar="FILE"),
+           "{question} and {context}; .json is a list of {role, content} messages", metavar="FILE", group="raft"),
     Option("json_text_field", _text, "text", "raft: field holding the text of .json and .jsonl documents",
-           metavar="FIELD"),
+           metavar="FIELD", group="raft"),
     Option("max_document_mb", _number(float, 0.001), 64.0, "raft: larger documents are recorded in errors.jsonl "
-           "and skipped", metavar="MB"),
+           "and skipped", metavar="MB", group="raft"),
     Option("answer_retries", _number(int, 0, 20), 2, "raft: paid retries of a reply the job cannot use (an answer "
            "without a final answer or a quote, a question call without questions, a malformed response) before it is "
-           "set aside as failed with its raw text", metavar="N"),
+           "set aside as failed with its raw text", metavar="N", group="raft"),
     Option("structured", _choice("auto", "on", "off"), "auto", "raft: constrained output (response_format with a "
            "JSON schema, enforced by the server); auto falls back to free-text prompts when the server refuses or "
-           "ignores it, on never does, off uses free-text prompts only", metavar="MODE"),
+           "ignores it, on never does, off uses free-text prompts only", metavar="MODE", group="raft"),
     Option("question_tokens", _number(int, 8, 4096), 40, "raft: max_tokens of a question call per question "
-           "asked (the call gets this times --questions); a max_tokens in --extra-body wins", metavar="N"),
+           "asked (the call gets this times --questions); a max_tokens in --extra-body wins", metavar="N",
+           group="raft"),
     Option("answer_tokens", _number(int, 16, 100_000), 400, "raft: max_tokens of an answer call; an answer cut off "
-           "there is asked again once with twice the room; a max_tokens in --extra-body wins", metavar="N"),
+           "there is asked again once with twice the room; a max_tokens in --extra-body wins", metavar="N",
+           group="raft"),
     Option("quality_stop", _number(float, 0.0, 1.0), 0.7, "raft: stop (exit 75) when more than this share of the "
            "first 20 answers (or question replies) of a run is rejected, saying what the model returned (1 = never "
            "stop)",
-           metavar="SHARE"),
+           metavar="SHARE", group="raft"),
     Option("max_records", _number(int, 0), 0, "raft: stop cleanly (exit 75) once the state dir holds this many "
-           "records; raise it and run again to continue (0 = no cap)", metavar="N"),
+           "records; raise it and run again to continue (0 = no cap)", metavar="N", group="raft"),
     Option("seed", _number(int, 0), 0, "raft: seed of the distractor sampling and of export --split",
-           metavar="N"),
+           metavar="N", group="raft"),
     # -- export of raft datasets --
     Option("split", _split_spec, "", "export: also write NAME=FRACTION of the records (comma-separated for more) "
            "to OUT with .NAME before the suffix, e.g. eval=0.1; chosen by record id with the --seed of the run",
-           commands=("export",), metavar="SPEC"),
+           commands=("export",), metavar="SPEC", group="export"),
     Option("system_prompt", _optional_text, None, "export --format chat: system message opening every "
-           "conversation", commands=("export",), metavar="TEXT"),
+           "conversation", commands=("export",), metavar="TEXT", group="export"),
     Option("prompt_column", _column, "prompt", "export --format completion: name of the prompt column",
-           commands=("export",), metavar="NAME"),
+           commands=("export",), metavar="NAME", group="export"),
     Option("completion_column", _column, "completion", "export --format completion: name of the completion "
-           "column", commands=("export",), metavar="NAME"),
+           "column", commands=("export",), metavar="NAME", group="export"),
     Option("stop_token", _text, "<STOP>", "export --format completion: appended to every completion (empty = "
-           "none)", commands=("export",), metavar="TEXT"),
+           "none)", commands=("export",), metavar="TEXT", group="export"),
     Option("base_url", _url_list, ("https://api.openai.com/v1",), "OpenAI-compatible base URL that gets every "
            "call and the API key, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp) or an Azure deployment "
            "URL (several, comma-separated, share the work); OPENAI_BASE_URL is read when this is not set",
-           metavar="URL"),
+           metavar="URL", group="api"),
     Option("model", _optional_text, None, "model name sent with every request (overrides the model in "
-           "input lines); required unless every input line names one", metavar="NAME"),
+           "input lines); required unless every input line names one", metavar="NAME", group="api"),
     Option("api_type", _choice("auto", "openai", "azure"), "auto", "auth style: openai (Authorization: Bearer) "
-           "or azure (api-key header + api-version); auto picks azure for *.azure.com hosts", metavar="TYPE"),
+           "or azure (api-key header + api-version); auto picks azure for *.azure.com hosts", metavar="TYPE",
+           group="api"),
     Option("api_version", _optional_text, None, "Azure api-version query parameter, e.g. 2024-10-21",
-           metavar="VER"),
+           metavar="VER", group="api"),
     Option("extra_body", _json_object, {}, "JSON object merged into every request body, overriding the same "
-           "keys of input lines, e.g. '{\"temperature\": 0}'", metavar="JSON"),
-    Option("concurrency", _number(int, 1, 100_000), 64, "API calls in flight at most", metavar="N"),
+           "keys of input lines, e.g. '{\"temperature\": 0}'", metavar="JSON", group="api"),
+    Option("concurrency", _number(int, 1, 100_000), 64, "API calls in flight at most", metavar="N", group="limits"),
     Option("rpm", _number(float, 0), 0.0, "client requests/minute limit, paced evenly (0 = none; the server's "
-           "x-ratelimit headers and its 429s still set the pace)", metavar="N"),
+           "x-ratelimit headers and its 429s still set the pace)", metavar="N", group="limits"),
     Option("tpm", _number(float, 0), 0.0, "client tokens/minute limit, prompt estimate + max_tokens counted "
-           "before the call, corrected from usage after (0 = none)", metavar="N"),
+           "before the call, corrected from usage after (0 = none)", metavar="N", group="limits"),
     Option("stream", _choice("auto", "off"), "auto", "auto: stream answers (every chunk shows the call is alive) "
-           "where the server can, and fall back to plain calls where it cannot; off: never stream", metavar="MODE"),
+           "where the server can, and fall back to plain calls where it cannot; off: never stream", metavar="MODE",
+           group="api"),
     Option("request_timeout", _number(float, 0.1), 600.0, "seconds one API call may take in total; a call that "
-           "runs longer is cancelled and retried", metavar="S"),
-    Option("connect_timeout", _number(float, 0.1), 10.0, "seconds to open a connection", metavar="S"),
+           "runs longer is cancelled and retried", metavar="S", group="api"),
+    Option("connect_timeout", _number(float, 0.1), 10.0, "seconds to open a connection", metavar="S", group="api"),
     Option("stall_timeout", _number(float, 0.1), 120.0, "a streamed call that receives no byte for this many "
            "seconds is cancelled and retried (a call that is not streamed is never cancelled for this)",
-           metavar="S"),
+           metavar="S", group="api"),
     Option("max_retries", _number(int, 0, 1000), 8, "retries of one call on 5xx, timeouts and connection errors "
-           "before it is left for the next run (never recorded as failed; 429s do not count)", metavar="N"),
+           "before it is left for the next run (never recorded as failed; 429s do not count)", metavar="N",
+           group="api"),
     Option("rate_limit_wait", _number(float, 1.0), 600.0, "seconds a call keeps being retried after 429s before "
-           "it is left for the next run", metavar="S"),
+           "it is left for the next run", metavar="S", group="limits"),
     Option("model_check", _choice("on", "off"), "on", "before the first paid call, ask GET /models and refuse a "
-           "model the server does not list (skipped where the server has no such list)", metavar="ON_OFF"),
+           "model the server does not list (skipped where the server has no such list)", metavar="ON_OFF", group="api"),
     Option("backoff_base", _number(float, 0.0), 1.0, "first retry delay in seconds (exponential, full jitter)",
-           metavar="S"),
-    Option("backoff_max", _number(float, 0.0), 60.0, "longest retry delay in seconds", metavar="S"),
+           metavar="S", group="api"),
+    Option("backoff_max", _number(float, 0.0), 60.0, "longest retry delay in seconds", metavar="S", group="api"),
     Option("fsync", _choice("always", "batch", "off"), "batch", "journal durability: always = fsync before "
            "every acknowledgement with no added delay; batch = group commit, waiting at most --fsync-interval "
-           "to gather records; off = no fsync (survives kill -9, not power loss)", metavar="POLICY"),
+           "to gather records; off = no fsync (survives kill -9, not power loss)", metavar="POLICY",
+           group="durability"),
     Option("fsync_interval", _number(float, 0.0, 10.0), 0.005, "seconds the batch policy may wait to gather "
-           "records into one fsync", metavar="S"),
+           "records into one fsync", metavar="S", group="durability"),
     Option("segment_mb", _number(float, 0.001), 64.0, "journal segment size before rotation (MiB)",
-           metavar="MB"),
+           metavar="MB", group="durability"),
     Option("snapshot_every", _number(int, 1), 100_000, "compact a snapshot after this many journal records",
-           metavar="N"),
+           metavar="N", group="durability"),
     Option("grace", _number(float, 0.0), 30.0, "seconds in-flight calls may finish after SIGINT/SIGTERM "
-           "(a second signal exits at once)", metavar="S"),
+           "(a second signal exits at once)", metavar="S", group="operations"),
     Option("disk_full_wait", _number(float, 0.0), 60.0, "seconds to keep retrying journal writes on a full "
-           "disk before stopping (exit 75)", metavar="S"),
+           "disk before stopping (exit 75)", metavar="S", group="durability"),
     Option("output_tokens_estimate", _number(int, 1), 256, "expected completion tokens for a request without "
-           "max_tokens, used by --tpm until real usage is seen", metavar="N"),
+           "max_tokens, used by --tpm until real usage is seen", metavar="N", group="limits"),
     Option("price_input_per_m", _number(float, 0), 0.0, "price of one million prompt tokens, for the cost "
-           "estimate and --max-cost", commands=("run", "status", "demo"), metavar="USD"),
+           "estimate and --max-cost", commands=("run", "status", "demo"), metavar="USD", group="limits"),
     Option("price_output_per_m", _number(float, 0), 0.0, "price of one million completion tokens, for the cost "
-           "estimate and --max-cost", commands=("run", "status", "demo"), metavar="USD"),
+           "estimate and --max-cost", commands=("run", "status", "demo"), metavar="USD", group="limits"),
     Option("max_cost", _number(float, 0), 0.0, "stop cleanly (exit 75) once the estimated cost of the state dir "
            "reaches this (calls already in flight still finish and count); raise it and run again to continue "
-           "(0 = no cap)", metavar="USD"),
+           "(0 = no cap)", metavar="USD", group="limits"),
     Option("max_tokens_total", _number(int, 0), 0, "stop cleanly (exit 75) once the state dir has used this many "
            "tokens (prompt + completion; calls already in flight still finish and count); raise it and run again "
-           "to continue (0 = no cap)", metavar="N"),
+           "to continue (0 = no cap)", metavar="N", group="limits"),
     Option("watch", _parse_bool, False, "keep running when the input is done and pick up new or changed input "
-           "as it appears (until SIGINT/SIGTERM)", is_bool=True),
+           "as it appears (until SIGINT/SIGTERM)", is_bool=True, group="job"),
     Option("watch_interval", _number(float, 0.05), 10.0, "seconds between scans of the input in --watch mode",
-           metavar="S"),
+           metavar="S", group="job"),
     Option("retry_failed", _parse_bool, False, "retry tasks recorded as failed (400s, unparsable answers)",
-           is_bool=True),
+           is_bool=True, group="job"),
     Option("allow_config_change", _parse_bool, False, "resume a state dir whose job was created with another "
-           "model or parameters (finished results are kept; changed requests get new ids)", is_bool=True),
+           "model or parameters (finished results are kept; changed requests get new ids)", is_bool=True, group="job"),
     Option("salvage", _parse_bool, False, "set damaged journal records aside (state/damaged/) and redo their "
-           "tasks instead of refusing to resume", is_bool=True),
+           "tasks instead of refusing to resume", is_bool=True, group="durability"),
     Option("log_format", _choice("text", "json"), "text", "progress and log lines as text or JSON",
-           commands=("run", "demo"), metavar="FMT"),
+           commands=("run", "demo"), metavar="FMT", group="operations"),
     Option("progress_interval", _number(float, 0.1), 5.0, "seconds between progress lines",
-           commands=("run", "demo"), metavar="S"),
+           commands=("run", "demo"), metavar="S", group="operations"),
     Option("progress", _choice("auto", "live", "lines", "off"), "auto", "progress display: live (redrawn "
            "table, needs a terminal), lines (one line every --progress-interval), off; auto = live on a terminal, "
-           "lines otherwise", commands=("run", "demo"), metavar="MODE"),
+           "lines otherwise", commands=("run", "demo"), metavar="MODE", group="operations"),
     Option("metrics_port", _optional_port, None, "serve Prometheus /metrics and /healthz on this port (0 = any "
            "free port, logged and written to status.json; empty = no server)", commands=("run", "demo"),
-           metavar="PORT"),
+           metavar="PORT", group="operations"),
     Option("metrics_host", _text, "127.0.0.1", "address the metrics and health server listens on (0.0.0.0 "
-           "inside a container so that the port can be published)", commands=("run", "demo"), metavar="HOST"),
+           "inside a container so that the port can be published)", commands=("run", "demo"), metavar="HOST",
+           group="operations"),
     Option("health_writer_timeout", _number(float, 0.1), 120.0, "/healthz fails when the journal writer holds "
-           "records but has committed nothing for this many seconds", commands=("run", "demo"), metavar="S"),
+           "records but has committed nothing for this many seconds", commands=("run", "demo"), metavar="S",
+           group="operations"),
     Option("health_stall_timeout", _number(float, 0.1), 300.0, "/healthz fails when tasks wait but no call, "
            "retry, commit or rate-limit wait has happened for this many seconds (never less than --backoff-max "
-           "plus 1 s, or two request intervals of --rpm)", commands=("run", "demo"), metavar="S"),
+           "plus 1 s, or two request intervals of --rpm)", commands=("run", "demo"), metavar="S", group="operations"),
     Option("failpoints", _text, "", "test hook: comma-separated failpoints (name[=action][@hit])",
-           flag=False),
+           flag=False, group="operations"),
     # -- state beyond the machine (asyncraft.remote) --
     Option("state_url", _optional_text, None, "s3://, gs://, az:// or file:// URL holding the state; the local "
            "state dir becomes a cache (credentials from the store's usual variables: AWS_*, GOOGLE_*, AZURE_*)",
-           commands=_STATEFUL, metavar="URL"),
+           commands=_STATEFUL, metavar="URL", group="job"),
     Option("remote_durability", _choice("async", "sync"), "async", "async: a result is acknowledged once on the "
            "local disk (losing the machine re-pays at most one interval of results); sync: once the object store "
-           "has it", metavar="MODE"),
+           "has it", metavar="MODE", group="durability"),
     Option("remote_interval", _number(float, 0.01, 3600.0), 1.0, "seconds between shipments of the journal's "
-           "tail to the state URL (async durability)", metavar="S"),
+           "tail to the state URL (async durability)", metavar="S", group="durability"),
     Option("remote_lease", _number(float, 1.0, 86_400.0), 30.0, "seconds the state URL's lease lasts without "
-           "renewal; another machine takes over only after it expires", metavar="S"),
+           "renewal; another machine takes over only after it expires", metavar="S", group="durability"),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -479,17 +501,22 @@ def _check_environment(env: Mapping[str, str]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Add the flags of ``command``; defaults are SUPPRESSed so we can tell a given flag from a default."""
-    for opt in OPTIONS:
-        if command not in opt.commands or not opt.flag:
-            continue
+    """Add the flags of ``command``, in the sections of GROUPS; defaults are SUPPRESSed so we can tell a given flag
+    from a default."""
+    options = [o for o in OPTIONS if command in o.commands and o.flag]
+    used = {o.group for o in options}
+    sections = {key: parser.add_argument_group(title) for key, title in GROUPS.items() if key in used}
+    for opt in options:
+        section = sections.get(opt.group)
+        if section is None:  # an option declared without a known group still works; a test names it
+            section = sections[opt.group] = parser.add_argument_group("other options")
         help_text = f"{opt.help} [env {opt.env}; default {_show_default(opt.default)}]"
         if opt.is_bool:
-            parser.add_argument(opt.flag_name, dest=opt.name, action="store_const", const="1",
-                                default=argparse.SUPPRESS, help=help_text)
+            section.add_argument(opt.flag_name, dest=opt.name, action="store_const", const="1",
+                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(opt.flag_name, dest=opt.name, default=argparse.SUPPRESS,
-                                metavar=opt.metavar, help=help_text)
+            section.add_argument(opt.flag_name, dest=opt.name, default=argparse.SUPPRESS,
+                                 metavar=opt.metavar, help=help_text)
 
 
 def _show_default(value: Any) -> str:

@@ -79,7 +79,7 @@ class Journal:
         self._snapshot_every = snapshot_every
         self._disk_full_wait = disk_full_wait
         self._on_error = on_error
-        self.on_commit = on_commit  # sees each batch of records once it is on disk (counters, metrics)
+        self.on_commit = on_commit  # sees each batch of records once acknowledged (counters, metrics)
         self._replica = replica
         self._acks: set[asyncio.Task[None]] = set()  # sync durability: commits waiting for the object store
         self.tasks = recovery.tasks
@@ -253,8 +253,6 @@ class Journal:
         for (rec, _fut), line in zip(batch, lines, strict=True):
             apply(rec, (path, offset))
             offset += len(line)
-        if self.on_commit is not None:
-            self.on_commit([rec for rec, _fut in batch])
         if self._replica is not None:
             self._replica.on_commit(path, self._seg_size, seq - 1)
             if self._replica.durability == "sync":
@@ -263,8 +261,16 @@ class Journal:
                 self._acks.add(ack)
                 ack.add_done_callback(self._acks.discard)
                 return
-        self._fs.note("ack", seq - 1)
+        self._acknowledge(batch, seq - 1)
+
+    def _acknowledge(self, batch: list[tuple[dict[str, Any], Durable]], last: int) -> None:
+        self._fs.note("ack", last)
         _report(batch, None)
+        if self.on_commit is not None:
+            # Queued behind the futures' callbacks, so both run in one turn of the loop: counters kept by the
+            # hook and those kept by the records' owners move together, and a progress snapshot (another turn)
+            # never sees a stage's results without the run's, or the other way round.
+            asyncio.get_running_loop().call_soon(self.on_commit, [rec for rec, _fut in batch])
 
     async def _ack_replicated(self, batch: list[tuple[dict[str, Any], Durable]], last: int) -> None:
         assert self._replica is not None
@@ -276,8 +282,7 @@ class Journal:
         except Exception as exc:  # every waiter learns why its record will not be acknowledged
             _report(batch, exc if isinstance(exc, JournalError) else JournalError(f"replication failed: {exc!r}"))
             return
-        self._fs.note("ack", last)
-        _report(batch, None)
+        self._acknowledge(batch, last)
 
     # -- runs on the journal thread --------------------------------------------------------------
 

@@ -54,8 +54,8 @@ def write_lines(path: Path, contents: list[str]) -> None:
 
 @pytest.mark.parametrize(("sim_args", "env_extra"), [
     (("--latency-ms", "500", "--token-ms", "60"), {}),
-    (("--latency-ms", "2400",), {"ASYNCRAFT_STREAM": "off"}),
-    (("--latency-ms", "2400", "--stream-mode", "json"), {}),
+    pytest.param(("--latency-ms", "2400",), {"ASYNCRAFT_STREAM": "off"}, marks=pytest.mark.slow),
+    pytest.param(("--latency-ms", "2400", "--stream-mode", "json"), {}, marks=pytest.mark.slow),
 ], ids=["streamed", "not-streamed", "server-cannot-stream"])
 def test_a_server_slower_than_the_stall_timeout_starts_each_generation_once(
         sim_factory: Any, tmp_path: Path, sim_args: tuple[str, ...], env_extra: dict[str, str]) -> None:
@@ -78,6 +78,7 @@ def test_a_server_slower_than_the_stall_timeout_starts_each_generation_once(
 # -- rate limits ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stray_429s_delay_only_their_own_calls(sim_factory: Any, tmp_path: Path) -> None:
     """2% of calls answered 429 with Retry-After: 1 and no sign of a used-up limit: each waits its second,
     nobody else slows down."""
@@ -95,6 +96,7 @@ def test_stray_429s_delay_only_their_own_calls(sim_factory: Any, tmp_path: Path)
     assert stray_time < 2 * clean_time + 3.0, (clean_time, stray_time)
 
 
+@pytest.mark.slow
 def test_a_limit_the_server_does_not_announce_is_learned(sim_factory: Any, tmp_path: Path) -> None:
     """600 requests/min enforced with 429s and a whole-second Retry-After, no x-ratelimit headers."""
     sim = sim_factory("--rpm", "600", "--limit-headers", "none", "--latency-ms", "20")
@@ -141,6 +143,7 @@ def test_a_model_the_server_does_not_list_is_refused_before_any_call(sim_factory
     assert sim.stats()["requests"] == 0 and not (tmp_path / "state").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_embedding_model_is_refused_before_any_call(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--models", "sim-1")
     res = run_job(DOCS, tmp_path / "state", cli_env(sim), "--job", "raft", "--chunker", "semantic")
@@ -161,6 +164,7 @@ def test_a_missing_key_is_refused_before_any_call(sim_factory: Any, tmp_path: Pa
     assert res.returncode == 2 and "https://api.openai.com/v1 needs one" in res.stderr
 
 
+@pytest.mark.slow
 def test_an_unknown_model_answered_400_stops_within_two_waves_and_the_fix_goes_on(sim_factory: Any,
                                                                                    tmp_path: Path) -> None:
     """LiteLLM's proxy answers an unknown model with 400: every first answer is the same refusal."""
@@ -180,6 +184,7 @@ def test_an_unknown_model_answered_400_stops_within_two_waves_and_the_fix_goes_o
     assert status_of(state)["done"] == 300
 
 
+@pytest.mark.slow
 def test_a_bad_request_shared_by_every_line_stops_the_run(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory()
     inp = tmp_path / "in.jsonl"
@@ -189,6 +194,7 @@ def test_a_bad_request_shared_by_every_line_stops_the_run(sim_factory: Any, tmp_
     assert sim.stats()["requests"] <= 8 and errors_of(tmp_path / "state") == []
 
 
+@pytest.mark.slow
 def test_a_run_in_which_every_task_failed_exits_non_zero(sim_factory: Any, tmp_path: Path) -> None:
     """Each line refused for its own reason: those are the requests' failures, recorded, and the run says
     that nothing succeeded."""
@@ -201,6 +207,7 @@ def test_a_run_in_which_every_task_failed_exits_non_zero(sim_factory: Any, tmp_p
     assert len(errors_of(tmp_path / "state")) == 10
 
 
+@pytest.mark.slow
 def test_persistent_server_errors_show_in_the_progress_line(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--p-500", "1", "--latency-ms", "50")
     inp = tmp_path / "in.jsonl"

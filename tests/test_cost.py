@@ -24,6 +24,7 @@ def priced_env(sim: Any, **extra: str) -> dict[str, str]:
                    ASYNCRAFT_CONCURRENCY=str(CONCURRENCY), **extra)
 
 
+@pytest.mark.slow
 def test_tokens_and_cost_match_the_simulator_usage(sim_factory: Any, tmp_path: Path) -> None:
     # 429s and 500s are not billed: they must not be counted either.
     sim = sim_factory("--latency-ms", "5", "--p-429", "0.05", "--p-500", "0.05", "--fault-retry-after", "0.02",
@@ -86,6 +87,7 @@ def test_cost_cap_stops_cleanly_and_a_restart_burns_no_calls(sim_factory: Any, t
     assert done["paid"] == N and set(done["paid_by_hash"].values()) == {1}
 
 
+@pytest.mark.slow
 def test_insufficient_quota_stops_and_resumes_once_raised(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--latency-ms", "5", "--quota-calls", "50")
     inp = tmp_path / "requests.jsonl"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from asyncraft.endpoints import endpoint_label
 from tests.conftest import cli_env, run_cli, write_prompts
@@ -30,6 +31,7 @@ def two_urls(a: SimProcess, b: SimProcess) -> str:
     return f"{a.base_url},{b.base_url}"
 
 
+@pytest.mark.slow
 def test_failing_endpoint_is_backed_off_and_the_other_takes_its_work(sim_factory: Any, tmp_path: Path) -> None:
     good = sim_factory("--latency-ms", "10")
     bad = sim_factory("--latency-ms", "10", "--p-500", "1")
@@ -73,6 +75,7 @@ def test_calls_are_spread_by_free_capacity(sim_factory: Any, tmp_path: Path) -> 
     assert fast_paid > 2 * slow_paid, (fast_paid, slow_paid)
 
 
+@pytest.mark.slow
 def test_endpoint_that_goes_away_mid_run(sim_factory: Any, tmp_path: Path) -> None:
     a = sim_factory("--latency-ms", "20")
     b = sim_factory("--latency-ms", "20")

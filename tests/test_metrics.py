@@ -163,6 +163,7 @@ def test_metrics_after_a_run_match_the_simulator(sim_factory: Any, tmp_path: Pat
     assert "Traceback" not in run.stderr()
 
 
+@pytest.mark.slow
 def test_healthz_turns_unhealthy_when_the_writer_is_wedged(sim_factory: Any, tmp_path: Path, runs: Any) -> None:
     sim = sim_factory("--latency-ms", "20")
     inp = tmp_path / "requests.jsonl"
@@ -187,6 +188,7 @@ def test_healthz_turns_unhealthy_when_the_writer_is_wedged(sim_factory: Any, tmp
     assert run.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_healthz_stays_ok_while_cooling_down_after_429(sim_factory: Any, tmp_path: Path, runs: Any) -> None:
     sim = sim_factory("--p-429", "1", "--fault-retry-after", "4")
     inp = tmp_path / "requests.jsonl"

@@ -43,6 +43,7 @@ def test_export_of_a_format_1_state_dir_equals_what_0_1_0_exported(fixtures: Pat
         assert res.returncode == 0 and "note:" not in res.stdout, res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["migrate.before_commit", "migrate.after_commit"])
 def test_kill9_mid_migration_then_resume_pays_only_the_missing_calls(point: str, fixtures: Path, sim: SimProcess,
                                                                       tmp_path: Path) -> None:

@@ -143,6 +143,7 @@ def run_harness(tmp: Path, rec: Recording, *, salvage: bool = False, must_keep: 
 # -- the harness on correct code ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_power_cut_during_appends_rotation_and_compaction_recovers(tmp_path: Path) -> None:
     rec = record_journal_run(tmp_path / "state")
     kinds = {op[0] for op in rec.ops}
@@ -167,6 +168,7 @@ def test_the_model_drops_what_was_not_synced(tmp_path: Path) -> None:
     assert lose > 10 and holes > 10
 
 
+@pytest.mark.slow
 def test_every_power_cut_during_salvage_keeps_every_readable_record(tmp_path: Path) -> None:
     root = tmp_path / "state"
     rec = record_journal_run(root, stop_early=True)
@@ -201,6 +203,7 @@ def test_every_power_cut_during_salvage_keeps_every_readable_record(tmp_path: Pa
     assert not [f for f in verify(sd) if f.damage]
 
 
+@pytest.mark.slow
 def test_every_power_cut_during_a_migration_keeps_every_record(tmp_path: Path) -> None:
     fixture = Path(__file__).parent / "data" / "state-v1" / "prompts-v1-killed"
     root = tmp_path / "state"

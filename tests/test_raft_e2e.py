@@ -138,6 +138,7 @@ def docs(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_run_then_export_every_format(rsim: SimProcess, docs: Path, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "state"
@@ -273,7 +274,7 @@ def test_bad_documents_are_recorded_and_the_rest_goes_on(rsim: SimProcess, tmp_p
 
 @pytest.mark.parametrize(("structured", "why", "raw"), [
     ("auto", "no final answer in the JSON reply", '"quotes"'),
-    ("off", "no <ANSWER>: tag", "##begin_quote##"),
+    pytest.param("off", "no <ANSWER>: tag", "##begin_quote##", marks=pytest.mark.slow),
 ])
 def test_unusable_answers_are_retried_then_set_aside(structured: str, why: str, raw: str, rsim: SimProcess,
                                                      tmp_path: Path) -> None:
@@ -325,6 +326,7 @@ def test_unusable_answers_are_retried_then_set_aside(structured: str, why: str, 
     assert rsim.settled_stats()["paid"] == 0
 
 
+@pytest.mark.slow
 def test_too_small_corpus_still_produces_records(rsim: SimProcess, tmp_path: Path) -> None:
     d = tmp_path / "docs"
     d.mkdir()
@@ -377,6 +379,7 @@ def test_adding_a_document_pays_only_for_it(rsim: SimProcess, tmp_path: Path) ->
     assert {r["id"] for r in rows} == after.records
 
 
+@pytest.mark.slow
 def test_max_records_stops_cleanly_and_a_higher_limit_continues(rsim: SimProcess, tmp_path: Path) -> None:
     d = tmp_path / "docs"
     d.mkdir()
@@ -467,13 +470,22 @@ def test_model_is_required(tmp_path: Path) -> None:
     assert res.returncode == 2 and "ASYNCRAFT_MODEL" in res.stderr
 
 
-def test_demo_runs_raft_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_raft_then_the_prompts_job_end_to_end(tmp_path: Path) -> None:
     res = run_cli("demo", "--dir", str(tmp_path), env=cli_env(), timeout=60)
     assert res.returncode == 0, res.stderr
+    assert "the RAFT job on" in res.stderr and "the prompts job on" in res.stderr
+    prompts = (DOCS.parent / "prompts.jsonl").read_bytes().splitlines()
+    results = read_jsonl(tmp_path / "results.jsonl")
+    assert [r["status"] for r in results] == ["ok"] * len(prompts) and all(r["content"] for r in results)
+    assert "run --job prompts --input" in res.stdout and "run --job raft --input" in res.stdout
     rows = read_jsonl(tmp_path / "raft.jsonl")
     train, held = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "train.eval.jsonl")
     assert len(rows) > 40 and len(train) + len(held) == len(rows) and held
     assert {r["source"] for r in rows} == {p.name for p in DOCS.iterdir()}
+    # The record shape of raft.py (test_run_then_export_every_format, a slow test, checks every format).
+    assert all(list(r)[:7] == ["id", "type", "question", "context", "oracle_context", "cot_answer", "instruction"]
+               for r in rows)
+    assert all(len(m["content"]) > 0 for r in train for m in r["messages"])
     assert "tail -f --state-dir" in res.stdout and str(tmp_path / "raft.jsonl") in res.stdout
     assert "429s" in res.stderr and "injected" in res.stderr
     assert run_cli("verify", "--state-dir", str(tmp_path / "state"), env=cli_env()).returncode == 0

@@ -109,8 +109,8 @@ def refuse_json_schema(status: int, message: str) -> Behaviour:
 
 
 @pytest.mark.parametrize(("status", "message"), [
-    (500, "1 validation error: {'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or "
-          "'json_object'\"}"),  # llama-cpp-python
+    pytest.param(500, "1 validation error: {'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be "
+                 "'text' or 'json_object'\"}", marks=pytest.mark.slow),  # llama-cpp-python
     (400, "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."),
 ])
 async def test_a_server_that_refuses_the_openai_form_gets_the_other_and_nothing_is_paid_twice(

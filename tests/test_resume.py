@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from asyncraft.jobs.prompts import InputPosition, InputTracker
 from tests.conftest import cli_env, run_cli, write_prompts
@@ -63,6 +64,7 @@ def test_resume_reads_from_where_the_input_is_handled(sim: SimProcess, tmp_path:
     assert sim.stats()["paid"] == 62 + 61
 
 
+@pytest.mark.slow
 def test_a_stopped_run_records_its_position_and_the_next_pays_each_line_once(sim_factory: object,
                                                                              tmp_path: Path) -> None:
     sim = sim_factory("--latency-ms", "20")  # type: ignore[operator]

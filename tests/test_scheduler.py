@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from asyncraft import scheduler as scheduler_module
+from asyncraft.cost import Budget
 from asyncraft.errors import (
     AuthError,
     BadRequest,
@@ -221,14 +222,32 @@ async def test_nothing_reachable_stops_the_run(monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_a_stop_request_cancels_workers_waiting_for_the_rate_controller() -> None:
-    h = Harness(ok, 100, concurrency=4)
-    h.sched.limits = RateController(rpm=60, concurrency=4)  # one call a second: most workers wait in line
+    called = asyncio.Event()
 
-    async def stop_soon() -> None:
-        await asyncio.sleep(0.3)
+    def first(task: Task, n: int) -> Completion:
+        called.set()
+        return ok(task, n)
+
+    h = Harness(first, 100, concurrency=4)
+    # One call a second on a clock that never moves: the workers in line at the controller wait until cancelled.
+    h.sched.limits = RateController(rpm=60, concurrency=4, clock=lambda: 0.0,
+                                    sleep=lambda _s: asyncio.Event().wait())
+
+    async def stop_once_a_call_was_made() -> None:
+        await called.wait()
         h.sched.request_stop("test")
 
-    stopper = asyncio.create_task(stop_soon())
-    sched = await h.run(within=5)
+    stopper = asyncio.create_task(stop_once_a_call_was_made())
+    sched = await h.run(within=2)
     await stopper
     assert sched.stopping == "test" and 1 <= len(sched.done) <= 2
+
+
+async def test_a_token_budget_stops_new_calls_once_reached() -> None:
+    """Each answer uses 5 tokens; with 22 allowed, the fifth answer crosses the cap. Calls already in flight
+    finish and count, no new one starts, and the rest is left for a run with a higher cap."""
+    h = Harness(ok, 40, concurrency=2, budget=Budget(max_tokens=22))
+    sched = await h.run()
+    assert sched.stopping is not None and "token budget reached" in sched.stopping
+    assert 5 <= len(sched.done) <= 5 + 2 and sum(h.calls.values()) == len(sched.done)
+    assert sum(sched.tokens_used()) >= 22

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from asyncraft.simcontent import BAD_REQUEST_MARKER
 from asyncraft.storage import FS, StateDir
@@ -37,6 +38,7 @@ def printed_seqs(path: Path) -> list[int]:
     return [orjson.loads(line)["seq"] for line in data[: data.rfind(b"\n") + 1].splitlines()]
 
 
+@pytest.mark.slow
 def test_follow_across_rotation_and_compaction_misses_and_repeats_nothing(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory("--latency-ms", "15", "--latency-dist", "uniform", "--seed", "5")
     inp = tmp_path / "requests.jsonl"
@@ -68,6 +70,7 @@ def test_follow_across_rotation_and_compaction_misses_and_repeats_nothing(sim_fa
     assert printed_seqs(out_path) == list(range(1, final + 1))
 
 
+@pytest.mark.slow
 def test_follower_survives_its_file_being_compacted_away(sim_factory: Any, tmp_path: Path) -> None:
     """Deterministic version of the race: the follower stands in the middle of a segment when compaction moves
     that segment into a run and deletes it."""
