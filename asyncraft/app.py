@@ -131,6 +131,8 @@ class Runner:
         self._grace_handle: asyncio.TimerHandle | None = None
         self._people_file_failed = False
         self.failures = FailureTally()
+        self._problems: list[dict[str, Any]] = []  # what errors.jsonl shows: problems not resolved, failures
+        self._resolved_in_run = False
         self.attached: Attached | None = None  # --state-url
         self.remote_error: RemoteError | None = None
 
@@ -154,14 +156,16 @@ class Runner:
                     raise StateMismatch(f"{self.sd.root} holds a {meta.get('job')!r} job; this run is "
                                         f"{job.name!r}. Use another --state-dir.")
             t0 = time.perf_counter()
-            problems: list[dict[str, Any]] = []
+            problems = self._problems
 
             def wants(kind: str, stage: str) -> bool:
-                return kind in ("ierr", "fail") or job.wants(kind, stage)
+                return kind in ("ierr", "fail", "resolved") or job.wants(kind, stage)
 
             def on_payload(rec: dict[str, Any]) -> None:
                 if rec.get("k") in ("ierr", "fail"):
                     problems.append(_problem_line(rec))
+                elif rec.get("k") == "resolved":
+                    problems[:] = [p for p in problems if p.get("id") != rec.get("id")]
                 if job.wants(rec.get("k", ""), rec.get("stage") or ""):
                     job.replay(rec)
 
@@ -173,7 +177,7 @@ class Runner:
             await self._disk_retry(check_state, self.sd, self.fs, job, s,
                                    has_results=bool(len(recovered.done) or len(recovered.failed)))
             # errors.jsonl is a view for people, rebuilt from the journal at every start.
-            self._write_people_file(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in problems))
+            self._write_errors_file()
             for note in recovered.notes:
                 log.warning("recovery: %s", note)
             log.info("recovered %d done, %d failed up to seq %d in %.2fs", len(recovered.done),
@@ -210,6 +214,9 @@ class Runner:
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, 10.0)
 
+    def _write_errors_file(self) -> None:
+        self._write_people_file(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in self._problems))
+
     def _write_people_file(self, path: Path, data: bytes) -> None:
         """errors.jsonl and status.json are views for people, rebuilt from the journal: a full disk or an I/O
         error there is logged once and never stops the run (the journal's own writes decide that)."""
@@ -227,10 +234,17 @@ class Runner:
         s = self.settings
         limits = RateController(s.rpm, s.tpm, concurrency=s.concurrency)
         tally = StageTally()
+        job_commit: Callable[[list[dict[str, Any]]], None] | None = getattr(job, "on_commit", None)
+
+        def on_commit(batch: list[dict[str, Any]]) -> None:
+            tally.on_commit(batch)
+            if job_commit is not None:
+                job_commit(batch)  # the job's own counts (RAFT's totals per stage)
+
         rep = self.attached.replicator if self.attached is not None else None
         journal = Journal(self.sd, recovered, fs=self.fs, fsync=s.fsync, fsync_interval=s.fsync_interval,
                           segment_bytes=int(s.segment_mb * (1 << 20)), snapshot_every=s.snapshot_every,
-                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=tally.on_commit,
+                          disk_full_wait=s.disk_full_wait, on_error=self._journal_failed, on_commit=on_commit,
                           replica=rep)
         self.journal = journal
         replicating = None
@@ -285,6 +299,7 @@ class Runner:
                 await sched.run()
             tracking.cancel()
             await self._record_input_position(job, journal)
+            await sched.record_totals()  # what is left, for `status` of the stopped state dir
         except* JournalError:
             # The writer failed (or a record could not be handed to it): the workers and the feeder saw the same
             # error. The journal's error decides the exit status below (or the replicator's, if it failed).
@@ -313,6 +328,8 @@ class Runner:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         self._write_status(view.snapshot(final=True), final=True)
+        if self._resolved_in_run:
+            self._write_errors_file()
         return self._verdict(sched, journal, time.time() - started)
 
     def _verdict(self, sched: Scheduler, journal: Journal, elapsed: float) -> int:
@@ -398,10 +415,13 @@ class Runner:
                 self.scheduler.fatal_error(exc)
 
     async def _track_input(self, job: Job, journal: Journal) -> None:
-        """Record every few seconds how far the input is fully handled, so a resume can start reading there."""
+        """Record every few seconds how far the input is fully handled, so a resume can start reading there,
+        and the job's size when it changed."""
         while True:
             await asyncio.sleep(INPUT_POSITION_INTERVAL)
             await self._record_input_position(job, journal)
+            if self.scheduler is not None:
+                await self.scheduler.record_totals()  # after a kill, `status` knows what was left
 
     async def _record_input_position(self, job: Job, journal: Journal) -> None:
         tracker = getattr(job, "tracker", None)
@@ -414,6 +434,12 @@ class Runner:
 
     async def _append_error(self, rec: dict[str, Any]) -> None:
         self.failures.add(rec)
+        if rec.get("k") == "resolved":
+            # Rewritten without the problem at the end of the run (appending is all that happens meanwhile).
+            self._problems[:] = [p for p in self._problems if p.get("id") != rec.get("id")]
+            self._resolved_in_run = True
+            return
+        self._problems.append(_problem_line(rec))
         try:
             async with aiofiles.open(self.sd.errors_path, "ab") as fh:
                 await fh.write(orjson.dumps(_problem_line(rec)) + b"\n")

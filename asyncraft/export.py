@@ -132,6 +132,7 @@ def export(sd: StateDir, fmt: str, out: Path, *, input_override: str | None = No
                 raise ConfigError(f"--format {fmt} needs a raft job; {sd.root} holds a {job} job (use --format {job})")
             from asyncraft.config import Settings
 
+            refuse_unfinished_raft(rec, partial)
             return export_raft(rec, meta, fmt, out, settings or Settings())
         if fmt in ("prompts", "batch"):
             if job != "prompts":
@@ -161,6 +162,28 @@ def export(sd: StateDir, fmt: str, out: Path, *, input_override: str | None = No
                            "verify` for every damaged position; `asyncraft run --salvage` sets the damage aside and "
                            "redoes the lost tasks.") from None
     raise ConfigError(f"--format {fmt} is not available for a {job} job")
+
+
+def refuse_unfinished_raft(rec: Recovery, partial: bool) -> None:
+    """A RAFT dataset is exported whole, or as a partial one only when asked (``--partial``): the tasks still
+    pending are counted as ``status`` counts them, per stage."""
+    from asyncraft.views import work_left
+
+    total, pending, stages = work_left(rec)
+    if pending == 0:
+        return
+    if (rec.latest.get("totals") or {}).get("capped"):
+        log.info("the run stopped at its record limit (--max-records); %s task(s) were not asked", pending)
+        return
+    if pending is None:
+        what = "the job's size is not known (it stopped before its input was counted)"
+    else:
+        per_stage = ", ".join(f"{name} {s['pending']}" for name, s in stages.items() if s.get("pending"))
+        what = f"{pending} of {total} tasks are pending" + (f" ({per_stage})" if per_stage else "")
+    if not partial:
+        raise Incomplete(f"{what}; nothing was written. Run the job to the end and export again, or pass --partial "
+                         "to export the records that are done")
+    log.warning("%s: exporting the records that are done", what)
 
 
 def _status(row: dict[str, Any]) -> str:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
+from asyncraft.text import safe
+
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
@@ -116,9 +118,7 @@ class RunView:
         tokens_rate = (tokens_run - tokens0) / dt
 
         done, failed = len(sched.done), len(sched.failed)
-        total = sched.input_total
-        if total is not None:
-            total = max(total, done + failed)
+        total, expected = sched.expected()
         pending = total - done - failed if total is not None else None
         eta = None
         if pending is not None:
@@ -137,11 +137,14 @@ class RunView:
             if per_task is not None:
                 projected = cost + pending * per_task
 
-        stages = {}
-        for name, c in self.tally.stages.items():
+        stages: dict[str, dict[str, Any]] = {}
+        for name in [*expected, *(n for n in self.tally.stages if n not in expected)]:
+            c = self.tally.stage(name)
             f0, k0 = marks0.get(name, (0, 0))
-            f1, k1 = marks[name]
+            f1, k1 = marks.get(name, (0, 0))
             stages[name] = {
+                **{f"{k}_all": v for k, v in expected.get(name, {}).items() if k != "total"},
+                "total": expected.get(name, {}).get("total"),
                 "done": c.done, "failed": c.failed, "retried": c.retried, "in_flight": c.in_flight,
                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                 "rate_per_s": round((f1 - f0) / dt, 2), "tokens_per_s": round((k1 - k0) / dt, 1),
@@ -238,14 +241,30 @@ def format_line(snap: dict[str, Any]) -> str:
         parts.append(f"cost {fmt_money(snap['cost'])} (projected {fmt_money(snap['cost_projected'])})")
     stages = snap.get("stages") or {}
     if stages:
-        parts.append("; ".join(f"{name} +{s['done']} done {s['rate_per_s']:.1f}/s {s['in_flight']} in flight"
-                               for name, s in stages.items()))
+        parts.append("; ".join(f"{name} {_stage_total(s)}+{s['done']} done {s['rate_per_s']:.1f}/s "
+                               f"{s['in_flight']} in flight" for name, s in stages.items()))
     note = _state_note(snap)
     if note:
         parts.append(note)
     if "replication" in snap:
         parts.append(snap["replication"]["line"])
-    return "asyncraft: " + " | ".join(parts)
+    # The last error and the stop reason are a server's words: shown, never obeyed by the terminal.
+    return "asyncraft: " + safe(" | ".join(parts))
+
+
+def _stage_of(s: dict[str, Any]) -> str | None:
+    """A stage's tasks settled in all runs of those expected ("12/40"), or just those expected ("40"), where the
+    job knows them."""
+    if s.get("total") is None:
+        return None
+    if "done_all" in s:
+        return f"{s['done_all'] + s.get('failed_all', 0)}/{s['total']}"
+    return str(s["total"])
+
+
+def _stage_total(s: dict[str, Any]) -> str:
+    of = _stage_of(s)
+    return "" if of is None else (f"{of}, " if "/" in of else f"of {of}, ")
 
 
 def format_json(snap: dict[str, Any]) -> str:
@@ -272,16 +291,16 @@ def render_table(snap: dict[str, Any]) -> RenderableType:
     status = Text(f"{snap['failed']} failed, {snap['in_flight']} in flight, {snap['queued']} queued, "
                   f"{snap['rate_per_s']:.1f}/s, elapsed {fmt_duration(snap['elapsed_s'])}", style="dim")
     table = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
-    columns = ["stage", "done", "failed", "retried", "flying", "/s", "tok/s", "in+out"]
+    columns = ["stage", "total", "done", "failed", "retried", "flying", "/s", "tok/s", "in+out"]
     for col in columns + (["cost"] if priced else []):
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
     for name, s in (snap.get("stages") or {}).items():
-        row = [name, str(s["done"]), str(s["failed"]), str(s["retried"]), str(s["in_flight"]),
+        row = [name, _stage_of(s) or "?", str(s["done"]), str(s["failed"]), str(s["retried"]), str(s["in_flight"]),
                f"{s['rate_per_s']:.1f}", fmt_count(s["tokens_per_s"]),
                f"{fmt_count(s['prompt_tokens'])}+{fmt_count(s['completion_tokens'])}"]
         table.add_row(*row, *([fmt_money(s["cost"])] if priced else []))
     if len(snap.get("stages") or {}) > 1:
-        table.add_row(Text("all", style="bold"), str(snap["done_this_run"]), str(snap["failed_this_run"]), "",
+        table.add_row(Text("all", style="bold"), "", str(snap["done_this_run"]), str(snap["failed_this_run"]), "",
                       str(snap["in_flight"]), f"{snap['rate_per_s']:.1f}", fmt_count(snap["tokens_per_s"]),
                       f"{fmt_count(snap['prompt_tokens_this_run'])}+"
                       f"{fmt_count(snap['completion_tokens_this_run'])}", *([""] if priced else []))
@@ -298,7 +317,7 @@ def render_table(snap: dict[str, Any]) -> RenderableType:
             style="dim"))
     note = _state_note(snap)
     if note:
-        parts.append(Text(note, style="yellow"))
+        parts.append(Text(safe(note), style="yellow"))
     rep = snap.get("replication")
     if rep is not None:
         parts.append(Text(rep["line"], style="dim" if rep["healthy"] else "yellow"))

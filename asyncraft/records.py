@@ -23,9 +23,11 @@ class Kind(enum.IntEnum):
     FAIL = 2
     ATTEMPT = 3  # a paid answer the job rejected and asked again
     IERR = 4  # an input problem
+    RESOLVED = 5  # an input problem whose item was read again and handled (a half-written line, completed)
 
 
-KIND_OF = {"done": Kind.DONE, "fail": Kind.FAIL, "attempt": Kind.ATTEMPT, "ierr": Kind.IERR}
+KIND_OF = {"done": Kind.DONE, "fail": Kind.FAIL, "attempt": Kind.ATTEMPT, "ierr": Kind.IERR,
+           "resolved": Kind.RESOLVED}
 NAME_OF = {v: k for k, v in KIND_OF.items()}
 
 

@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import random
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -43,6 +44,7 @@ log = logging.getLogger("asyncraft")
 FEED_BATCH = 512
 UNREACHABLE_STOP = 25.0  # seconds without any connection, before anything succeeded, until the run stops
 HOLD_LIMIT = 10  # identical refusals before any success that stop the run (fewer at a concurrency below 9)
+PROBLEMS_LOGGED = 5  # input problems shown one by one; the rest are counted by kind at the end (all in errors.jsonl)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Stats:
     retries: int = 0
     gave_up: int = 0  # still failing after max_retries (or rate-limited past rate_limit_wait): left for the next run
     input_problems: int = 0
+    problems_new: int = 0  # input problems recorded by this run (the others were recorded before)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     last_error: str = ""
@@ -108,8 +111,17 @@ class Scheduler:
         self._stop_event = asyncio.Event()
         self.stopping: str | None = None  # why we stop early, if we do
         self.fatal: BaseException | None = None
-        self.input_total: int | None = None
+        self.input_total: int | None = None  # the input's tasks, exactly, once it has been read to the end
         self.input_read = False
+        # Optional job hooks for the size of the job before it has been read: a count of the input made on a
+        # thread at start, and the tasks expected per stage from it.
+        self._job_count: Callable[[threading.Event], object] | None = getattr(job, "count_input", None)
+        self._job_totals: Callable[[int | None], dict[str, dict[str, int]] | None] | None = getattr(
+            job, "totals", None)
+        self._totals_recorded: dict[str, Any] | None = None
+        # An input problem whose item is read again and makes a task (a half-written line, completed) is resolved.
+        self._problem_key: Callable[[Task], str | None] | None = getattr(job, "problem_key", None)
+        self._resolved: set[int] = set()
         self.stats = Stats()
         self._rng = random.Random()
         # Fail fast: until something succeeds, refusals of one kind are held back, not recorded. Results
@@ -186,7 +198,56 @@ class Scheduler:
         async with asyncio.TaskGroup() as tg:
             for i in range(self.concurrency):
                 tg.create_task(self._worker(), name=f"worker-{i}")
-            tg.create_task(self._feed(), name="feeder")
+            feeder = tg.create_task(self._feed(), name="feeder")
+            if self._job_count is not None:
+                stop = threading.Event()
+                counting = tg.create_task(self._count(stop), name="input-count")
+                # The count only informs the progress display: a run that ends sooner does not wait for it (its
+                # thread stops at the next block or document).
+                feeder.add_done_callback(lambda _: stop.set())
+                feeder.add_done_callback(lambda _: counting.cancel())
+
+    # -- the size of the job -----------------------------------------------------------------------------
+
+    async def _count(self, stop: threading.Event) -> None:
+        assert self._job_count is not None
+        try:
+            await asyncio.to_thread(self._job_count, stop)
+        except OSError as exc:
+            log.warning("could not count the input ahead (%s); its size is known once it has been read", exc)
+            return
+        await self.record_totals()
+
+    def expected(self) -> tuple[int | None, dict[str, dict[str, int]]]:
+        """The job's tasks in all (done, failed and pending; None while unknown) and per stage. Before the
+        input has been read, the job's count of it stands in; the figure never falls below what is settled."""
+        total = self.input_total
+        stages: dict[str, dict[str, int]] = {}
+        if self._job_totals is not None:
+            # A job that knows its size is the only judge of it: the tasks found in its input are not all
+            # its tasks when finished tasks make more (RAFT's questions and answers).
+            stages = self._job_totals(self.input_total) or {}
+            total = sum(v["total"] for v in stages.values()) if stages else None
+        if self.complete:
+            # Finished: what settled is the job, whatever the count at start expected (a document that
+            # changed, fewer questions than asked for).
+            stages = {name: {**v, "total": v["done"] + v["failed"]} if "done" in v else v
+                      for name, v in stages.items()}
+            return len(self.done) + len(self.failed), stages
+        if total is not None:
+            total = max(total, len(self.done) + len(self.failed))
+        return total, stages
+
+    async def record_totals(self) -> None:
+        """Journal the job's size when it changed, so that ``status`` of a stopped state dir knows what is left."""
+        total, stages = self.expected()
+        if total is None or self.journal.error is not None or self.journal.closed:
+            return
+        rec = {"k": "totals", "total": total, "stages": stages, "read": self.input_read,
+               "capped": bool(getattr(self.job, "at_record_limit", False))}
+        if rec != self._totals_recorded:
+            self._totals_recorded = rec
+            await self.journal.append({**rec, "t": time.time()})
 
     def tokens_used(self) -> tuple[int, int]:
         """(prompt, completion) tokens of the whole state dir so far."""
@@ -231,6 +292,7 @@ class Scheduler:
                         await self._record_problem(item)
                     else:
                         lines_ok += 1
+                        await self._resolve_problem(item)
                         await self._enqueue(item)
                 continue
             if self.active == 0:
@@ -277,8 +339,10 @@ class Scheduler:
     async def _input_finished(self, lines_ok: int) -> None:
         self.input_read = True
         self.scans += 1
-        # Every unique task of the input is now done, failed, or queued/in flight.
-        total = len(self.done) + len(self.failed) + self.active
+        # Every unique task of the input is now done, failed, or queued/in flight. A task whose record is
+        # committed but whose worker has not yet been told is both done and active: counted once.
+        unsettled = sum(1 for key in self._queued if key not in self.done and key not in self.failed)
+        total = len(self.done) + len(self.failed) + unsettled
         if total == self.input_total and self.scans > 1:
             return  # a watch-mode rescan that found nothing new: nothing to journal
         self.input_total = total
@@ -286,6 +350,7 @@ class Scheduler:
         await self.journal.append({"k": "input", "total": self.input_total, "task_lines": lines_ok,
                                    "problems": self.stats.input_problems, "t": time.time(),
                                    **(summary() if summary is not None else {})})
+        await self.record_totals()
 
     async def _enqueue(self, task: Task) -> None:
         key = id_key(task.id)
@@ -317,9 +382,31 @@ class Scheduler:
         if key in self._input_errors:
             return
         self._input_errors.add(key)
-        log.warning("input problem: %s", problem.message)
+        self._resolved.discard(key)
+        self.stats.problems_new += 1
+        if self.stats.problems_new <= PROBLEMS_LOGGED:
+            log.warning("input problem: %s", problem.message)
+            if self.stats.problems_new == PROBLEMS_LOGGED:
+                log.warning("further input problems are counted by kind at the end, not shown one by one (every "
+                            "one is in errors.jsonl and `asyncraft tail --errors`)")
         await self._append_problem({"k": "ierr", "id": pid, "key": problem.key, "msg": problem.message,
                                     **problem.detail})
+
+    async def _resolve_problem(self, task: Task) -> None:
+        """Journal that an item recorded as a problem before now makes a task: errors.jsonl, ``status`` and
+        ``tail --errors`` stop showing the problem. Looked up only while the state dir holds problems."""
+        if self._problem_key is None or not len(self._input_errors):
+            return
+        pkey = self._problem_key(task)
+        if pkey is None:
+            return
+        pid = content_id("ierr", pkey)
+        key = id_key(pid)
+        if key in self._resolved or key not in self._input_errors:
+            return
+        self._resolved.add(key)
+        where: dict[str, Any] = {k: task.meta[k] for k in ("line", "custom_id", "source") if k in task.meta}
+        await self._append_problem({"k": "resolved", "id": pid, "key": pkey, **where})
 
     async def _pause(self, delay: float) -> None:
         """Sleep, but wake at once if the run is stopping."""

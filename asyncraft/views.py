@@ -21,6 +21,7 @@ from asyncraft.errors import ConfigError, StateDamaged
 from asyncraft.responses import answer_text
 from asyncraft.storage import ensure_current, open_read_only, readers, runfile
 from asyncraft.storage.layout import StateDir
+from asyncraft.storage.recover import Recovery
 from asyncraft.storage.resolve import Finding, resolve
 from asyncraft.storage.taskindex import RunDamage
 from asyncraft.text import safe, safe_json
@@ -56,24 +57,36 @@ def status(sd: StateDir, budget: Budget | None = None) -> dict[str, Any]:
         return {"state_dir": str(sd.root), "job": (view.meta or {}).get("job"), "running": live,
                 "damaged": [str(f) for f in view.damage] or [str(exc)]}
     meta = rec.view.meta or {}
-    total = rec.last_input.get("total") if rec.last_input else None
+    total, pending, stages = work_left(rec)
     done, failed = rec.tasks.n_done, rec.tasks.n_failed
-    if total is not None:
-        total = max(total, done + failed)
     counters = rec.counters
     return {
         "state_dir": str(sd.root), "job": meta.get("job"), "running": live,
-        "total": total, "done": done, "failed": failed,
-        "pending": (total - done - failed) if total is not None else None,
+        "total": total, "done": done, "failed": failed, "pending": pending,
         "input_problems": rec.tasks.n_ierr, "calls": counters.get("calls", 0),
         "prompt_tokens": counters.get("prompt_tokens", 0),
         "completion_tokens": counters.get("completion_tokens", 0),
-        "journal_seq": rec.next_seq - 1, "input_read": rec.last_input is not None,
+        "journal_seq": rec.next_seq - 1, "input_read": rec.last_input is not None, "stages": stages,
         **{k: v for k, v in (rec.last_input or {}).items() if k in ("shared_lines", "repeated_custom_ids")},
         "cost": (round(budget.cost(counters.get("prompt_tokens", 0), counters.get("completion_tokens", 0)),
                        6) if budget is not None and priced else None),
         "damaged": [str(f) for f in rec.view.damage],
     }
+
+
+def work_left(rec: Recovery) -> tuple[int | None, int | None, dict[str, dict[str, int]]]:
+    """(total, pending, per stage) of a state dir: the job's size as its run last journaled it (at the count at
+    start, every few seconds, at the end), else as of the last time its input was read to the end (a state dir
+    of an older version); None where it is not known. ``status`` and ``export`` both judge by this."""
+    sized = rec.latest.get("totals") or rec.last_input or {}
+    total = sized.get("total")
+    done, failed = rec.tasks.n_done, rec.tasks.n_failed
+    if total is None:
+        return None, None, {}
+    total = max(int(total), done + failed)
+    stages = {name: {**v, "pending": max(v["total"] - v.get("done", 0) - v.get("failed", 0), 0)}
+              for name, v in (sized.get("stages") or {}).items() if "done" in v}
+    return total, total - done - failed, stages
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -90,7 +103,7 @@ def format_status(st: dict[str, Any]) -> str:
         f"job         {st.get('job')}",
         f"tasks       {st.get('done')} done, {st.get('failed')} failed, "
         + (f"{st.get('pending')} pending of {total}" if total is not None else "total not known yet "
-           "(the input has not been read to the end)"),
+           "(the run stopped before its input was counted)"),
         f"input       {st.get('input_problems', 0)} problem line(s) (see errors.jsonl)"
         + (f"; {st['shared_lines']} line(s) share the answer of an earlier identical line"
            if st.get("shared_lines") else "")
@@ -109,6 +122,10 @@ def format_status(st: dict[str, Any]) -> str:
                                                           if projected is not None else ""))
     else:
         lines.append("cost        no estimate: set ASYNCRAFT_PRICE_INPUT_PER_M and ASYNCRAFT_PRICE_OUTPUT_PER_M")
+    if not st.get("running"):
+        for name, stage in (st.get("stages") or {}).items():
+            lines.append(f"  {name:<10}{stage.get('done', 0)} done, {stage.get('failed', 0)} failed, "
+                         f"{stage.get('pending', 0)} pending of {stage.get('total')}")
     if st.get("running"):
         eta = st.get("eta_s")
         lines.append(f"live        {st.get('in_flight', 0)} in flight, {st.get('rate_per_s', 0)}/s"
@@ -116,12 +133,14 @@ def format_status(st: dict[str, Any]) -> str:
                      + (", cooling down after 429" if st.get("cooling_down") else "")
                      + (f", stopping: {st['stopping']}" if st.get("stopping") else ""))
         for name, stage in (st.get("stages") or {}).items():
-            lines.append(f"  {name:<10}{stage.get('done', 0)} done, {stage.get('failed', 0)} failed, "
+            of = (f"{stage['done_all'] + stage.get('failed_all', 0)} of {stage['total']} settled; "
+                  if stage.get("total") is not None and "done_all" in stage else "")
+            lines.append(f"  {name:<10}{of}{stage.get('done', 0)} done, {stage.get('failed', 0)} failed, "
                          f"{stage.get('in_flight', 0)} in flight this run; tokens {stage.get('prompt_tokens', 0)}+"
                          f"{stage.get('completion_tokens', 0)}")
         if st.get("metrics_url"):
             lines.append(f"metrics     {st['metrics_url']}/metrics")
-    return "\n".join(lines)
+    return "\n".join(safe(line) for line in lines)  # a stop reason may quote a server
 
 
 # -- tail ------------------------------------------------------------------------------------------
@@ -152,18 +171,20 @@ def _describe(rec: dict[str, Any]) -> str:
         return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  {err.get('type')}: {err.get('message')}{said}"
     if kind == "ierr":
         return f"{head} {rec.get('msg')}"
+    if kind == "resolved":
+        return f"{head} {where or rec.get('key')}: read again and handled; the problem recorded before is resolved"
     if kind == "attempt":
         return f"{head} {rec.get('stage', ''):<10} {tid}  {where}  retry {rec.get('n')}: {rec.get('why')}{said}"
     rest = {k: v for k, v in rec.items() if k not in ("k", "seq", "c")}
     return f"{head} {orjson.dumps(rest).decode()[:160]}"
 
 
-ERROR_KINDS = frozenset({"fail", "ierr", "attempt", "lost"})
+ERROR_KINDS = frozenset({"fail", "ierr", "attempt", "lost", "resolved"})
 
 
 def record_filter(stage: str | None = None, errors: bool = False) -> Callable[[dict[str, Any]], bool]:
     """Which records ``tail`` shows: one stage's, and/or only problems (failed tasks, bad input, answers the job
-    rejected and asked again, records set aside by --salvage)."""
+    rejected and asked again, records set aside by --salvage, and problems resolved since)."""
 
     def keep(rec: dict[str, Any]) -> bool:
         if stage is not None and rec.get("stage") != stage:
@@ -279,6 +300,11 @@ def tail(sd: StateDir, *, lines: int, follow: bool, raw: bool, stage: str | None
     follower = Follower(sd)
     recent: deque[dict[str, Any]] = deque(maxlen=max(lines, 0))
     for rec in follower.read_all():
+        if errors and rec.get("k") == "resolved":
+            # The history of problems shows those that still hold; following, a resolution is shown as it comes.
+            gone = rec.get("id")
+            recent = deque((r for r in recent if r.get("k") != "ierr" or r.get("id") != gone), maxlen=recent.maxlen)
+            continue
         if keep(rec):
             recent.append(rec)
     for rec in recent:

@@ -118,7 +118,7 @@ def flipped_letter_mid_journal(state: Path) -> Path:
 def flipped_letter_in_the_last_record(state: Path) -> Path:
     victim = _segments(state)[-1]
     data = victim.read_bytes()
-    last = data.rindex(b"\n", 0, len(data) - 1) + 1
+    last = data.rfind(b"\n", 0, len(data) - 1) + 1  # the segment may hold that one record only
     _flip(victim, data.index(b'"k":"', last) + 6)  # a whole line with a wrong checksum is not a torn write
     return victim
 

@@ -21,7 +21,7 @@ N = 150
 LINE = re.compile(
     r"^asyncraft: progress (?P<done>\d+)/(?P<total>\d+|\?) done(?: \((?P<pct>[\d.]+)%\))?, (?P<failed>\d+) failed, "
     r"(?P<flight>\d+) in flight, (?P<rate>[\d.]+)/s, ETA (?P<eta>\S+) \| tokens (?P<pt>\d+)\+(?P<ct>\d+) "
-    r"\(\S+/s\) \| cost \$(?P<cost>[\d.]+) \(projected (?P<proj>\$[\d.]+|\?)\) \| prompts \+\d+ done [\d.]+/s "
+    r"\(\S+/s\) \| cost \$(?P<cost>[\d.]+) \(projected (?P<proj>\$[\d.]+|\?)\) \| prompts of \d+, \+\d+ done [\d.]+/s "
     r"\d+ in flight$")
 
 

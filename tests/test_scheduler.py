@@ -37,6 +37,8 @@ class MemoryJournal:
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.closed = False
 
     def submit(self, record: dict[str, Any]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -52,7 +54,7 @@ class MemoryJournal:
 
     def tasks(self) -> list[dict[str, Any]]:
         """Records about tasks (not the input's own)."""
-        return [r for r in self.records if r["k"] != "input"]
+        return [r for r in self.records if r["k"] not in ("input", "totals")]
 
 
 class ListJob:

@@ -18,6 +18,7 @@ edited), the CRC of that prefix is checked first; an edited prefix is read again
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from array import array
 from collections import deque
@@ -42,6 +43,21 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _DROP = ("stream", "stream_options")  # the engine reads whole responses
 MAX_LINE_EXCERPT = 200
 SHOWN_DUPLICATES = 5  # repeated custom_ids logged one by one; the rest are counted
+COUNT_BLOCK = 8 << 20  # bytes per read when counting lines: large blocks keep the count at memory speed
+
+
+def count_lines(path: Path, stop: threading.Event | None = None) -> int | None:
+    """The lines of a file (a last line without a newline counts), counted in big binary blocks; None when
+    ``stop`` was set before the end."""
+    lines = 0
+    last = b"\n"
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(COUNT_BLOCK):
+            if stop is not None and stop.is_set():
+                return None
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 # The endpoints of OpenAI's Batch API, by the end of a line's url, and the engine's name for each.
 ENDPOINTS = (("/chat/completions", "chat"), ("/completions", "complete"), ("/embeddings", "embed"))
@@ -172,6 +188,27 @@ class PromptsJob:
         self._unbounded_warned = False
         self.shared_lines = 0  # lines of the last pass whose request repeats an earlier line's (one answer for both)
         self.repeated_ids = 0  # lines of the last pass whose custom_id an earlier line has
+        self.lines_counted: int | None = None  # counted at start (count_input), for the total before the input is read
+        self.not_tasks = 0  # blank and invalid lines read so far in this pass: lines that make no task
+
+    def count_input(self, stop: threading.Event) -> None:
+        """Count the input's lines (the scheduler runs this on a thread at start, and sets ``stop`` when the run
+        ends first)."""
+        self.lines_counted = count_lines(self.input_path, stop)
+
+    def totals(self, read: int | None) -> dict[str, dict[str, int]] | None:
+        """Tasks in all: exact once the scheduler has read the input (``read``), before that the counted lines
+        less those read that make no task, times the samples (repeated lines still count: they are found out
+        only as they are read)."""
+        if read is not None:
+            return {STAGE: {"total": read}}
+        if self.lines_counted is None:
+            return None
+        return {STAGE: {"total": max(self.lines_counted - self.not_tasks, 0) * self.samples}}
+
+    def problem_key(self, task: Task) -> str | None:
+        """The key its line's problem had, if it had one (``InputProblem.key``)."""
+        return f"line:{task.meta['line']}"
 
     def fingerprint(self) -> dict[str, Any]:
         fp: dict[str, Any] = {"job": self.name, "model": self.model, "extra_body": self.extra_body}
@@ -188,7 +225,13 @@ class PromptsJob:
         start, self._start = self._start, None
         tracker = self.tracker
         repeats = Repeats()
-        for lineno, end, crc, item in self._read(start, tracker is not None and tracker.feeding):
+        self.not_tasks = 0
+        for lineno, end, crc, whole, item in self._read(start, tracker is not None and tracker.feeding):
+            if tracker is not None and not whole:
+                # A last line without its newline may be half-written: the next run reads it again, whole.
+                tracker.feeding = False
+            if not item or isinstance(item, InputProblem):
+                self.not_tasks += 1
             if isinstance(item, InputProblem):
                 if tracker is not None:
                     tracker.add(lineno, end, crc, (id_key(problem_id(item.key)),), True)
@@ -217,16 +260,16 @@ class PromptsJob:
 
     def lines(self) -> Iterator[InputLine]:
         """Every line from the start, blank ones included (for export)."""
-        for lineno, _end, _crc, item in self._read(None, False):
+        for lineno, _end, _crc, _whole, item in self._read(None, False):
             if isinstance(item, InputProblem):
                 yield InputLine(lineno, [], item)
             else:
                 yield InputLine(lineno, item)
 
     def _read(self, start: InputPosition | None,
-              follow: bool) -> Iterator[tuple[int, int, int, list[Task] | InputProblem]]:
-        """(line number, end offset, CRC of the bytes up to the end (when ``follow``), the line's tasks or its
-        problem) of every line from ``start``; a blank line has no tasks."""
+              follow: bool) -> Iterator[tuple[int, int, int, bool, list[Task] | InputProblem]]:
+        """(line number, end offset, CRC of the bytes up to the end (when ``follow``), whether the line ends with
+        its newline, the line's tasks or its problem) of every line from ``start``; a blank line has no tasks."""
         offset, lineno, crc = (start.offset, start.line, start.crc) if start else (0, 0, 0)
         with open(self.input_path, "rb") as fh:
             if offset:
@@ -238,11 +281,12 @@ class PromptsJob:
                     crc = zlib.crc32(raw, crc)
                 if lineno == 1 and raw.startswith(UTF8_BOM):
                     raw = raw[len(UTF8_BOM) :]  # written by some editors and Windows tools; not part of the JSON
+                whole = raw.endswith(b"\n")
                 if not raw.strip():
-                    yield lineno, offset, crc, []
+                    yield lineno, offset, crc, whole, []
                     continue
                 item = self.parse_line(lineno, raw)
-                yield lineno, offset, crc, item if isinstance(item, InputProblem) else self._sampled(item)
+                yield lineno, offset, crc, whole, item if isinstance(item, InputProblem) else self._sampled(item)
 
     def _sampled(self, task: Task) -> list[Task]:
         """The line's task once per sample. Sample 0 keeps the id of the request alone, so that raising

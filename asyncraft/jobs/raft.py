@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -152,6 +153,14 @@ class RaftJob:
         self._had_text = False
         self._stop: str | None = None
         self._pooled_noted = False
+        self.at_record_limit = False  # the run holds the --max-records asked for: a dataset as asked, not partial
+        # The size of the job, per stage: what the count at start planned, and what settled since (all runs).
+        self._plan: tuple[int, int] | None = None  # (embedding calls, chunks) in the input
+        self._stage_done: Counter[str] = Counter()
+        self._stage_failed: Counter[str] = Counter()
+        self._noted: set[str] = set()  # embedding and question tasks already counted
+        self._chunks_made = 0  # by the settled embedding calls
+        self._questions_made = 0  # by the settled question calls
 
     # -- protocol ----------------------------------------------------------------------------------
 
@@ -201,6 +210,82 @@ class RaftJob:
             log.warning("the input has only %d chunk(s): records will get fewer than %d distractors "
                         "(--distractors); add documents or lower --chunk-size", chunks, self.params.distractors)
 
+    # -- the size of the job ---------------------------------------------------------------------------
+
+    def count_input(self, stop: threading.Event) -> None:
+        """Read and chunk every document once at start (the scheduler runs this on a thread), so that the
+        progress shows totals per stage from the start although the feeder reads documents lazily. The
+        semantic chunker's chunks are known only from its embeddings: estimated from the text's length. A run
+        that ends first sets ``stop``: the count ends at the next file, unfinished."""
+        p = self.params
+        embeds = chunks = 0
+        for entry in documents.list_files(self.input_path):
+            if stop.is_set():
+                return
+            if isinstance(entry, documents.DocProblem):
+                continue
+            for doc in documents.read_file(entry, text_field=p.json_text_field,
+                                           max_bytes=int(p.max_document_mb * (1 << 20))):
+                if isinstance(doc, documents.DocProblem):
+                    continue
+                if p.chunker == "semantic":
+                    embeds += len(chunking.segments(chunking.sentences(doc.text, p.chunk_size), p.chunk_size))
+                    chunks += -(-chunking.estimate_tokens(doc.text) // p.chunk_size)
+                else:
+                    chunks += len(chunking.chunk_text(doc.text, p.chunk_size, p.chunk_overlap))
+        self._plan = (embeds, chunks)
+
+    def totals(self, read: int | None) -> dict[str, dict[str, int]] | None:
+        """Tasks per stage (done, failed and pending) in all runs: embedding calls and chunks from the count at
+        start (the chunks of finished embedding calls exactly), one answer call per question of the finished
+        question calls and ``--questions`` per chunk still to ask. A stage's total never falls below what
+        settled in it, and nothing shows as finished while a chunk still waits for its questions."""
+        if self._plan is None:
+            return None
+        embeds, planned = self._plan
+        done, failed = self._stage_done, self._stage_failed
+
+        def stage(name: str, total: int) -> dict[str, int]:
+            return {"total": max(total, done[name] + failed[name]), "done": done[name], "failed": failed[name]}
+
+        out: dict[str, dict[str, int]] = {}
+        chunks = planned
+        if self.params.chunker == "semantic":
+            out[STAGE_EMBED] = stage(STAGE_EMBED, embeds)
+            left = max(embeds - done[STAGE_EMBED] - failed[STAGE_EMBED], 0)
+            chunks = self._chunks_made + (-(-left * planned // embeds) if embeds else 0)
+        out[STAGE_QUESTIONS] = stage(STAGE_QUESTIONS, chunks)
+        asked = done[STAGE_QUESTIONS] + failed[STAGE_QUESTIONS]
+        unasked = max(out[STAGE_QUESTIONS]["total"] - asked, 0)
+        out[STAGE_ANSWERS] = stage(STAGE_ANSWERS, self._questions_made + unasked * self.params.questions)
+        return out
+
+    def on_commit(self, batch: list[dict[str, Any]]) -> None:
+        """The journal's commit hook: settled tasks of this run, for the totals."""
+        for rec in batch:
+            self._note(rec)
+
+    def _note(self, rec: dict[str, Any]) -> None:
+        kind, stage, tid = rec.get("k"), rec.get("stage"), rec.get("id")
+        if kind not in ("done", "fail") or not isinstance(stage, str) or not isinstance(tid, str):
+            return
+        if stage != STAGE_ANSWERS:
+            if tid in self._noted:
+                return
+            self._noted.add(tid)
+        (self._stage_done if kind == "done" else self._stage_failed)[stage] += 1
+        if kind == "done" and stage == STAGE_EMBED:
+            self._chunks_made += len(rec.get("chunks") or [])
+        elif kind == "done" and stage == STAGE_QUESTIONS:
+            self._questions_made += len(rec.get("questions") or [])
+
+    def problem_key(self, task: Task) -> str | None:
+        """The key its document's problem had, if it had one (``_problem``)."""
+        source = task.meta.get("source")
+        return f"doc:{source}" if task.stage != STAGE_ANSWERS and isinstance(source, str) else None
+
+    # -- protocol, continued ---------------------------------------------------------------------------
+
     def wants(self, kind: str, stage: str) -> bool:
         if kind == "attempt":
             return stage in (STAGE_QUESTIONS, STAGE_ANSWERS)  # to see a server that ignores response_format
@@ -216,6 +301,7 @@ class RaftJob:
                 self._learn(TAGGED)
             return
         self._settled.add(tid)
+        self._note(record)
         if kind != "done":
             return
         if stage == STAGE_EMBED:
@@ -238,7 +324,10 @@ class RaftJob:
                 key = id_key(child.id)
                 if key in done:
                     self._records_before.add(key)
-                elif key not in failed:
+                    self._stage_done[STAGE_ANSWERS] += 1
+                elif key in failed:
+                    self._stage_failed[STAGE_ANSWERS] += 1
+                else:
                     out.append(child)
         self._replayed_embeds.clear()
         self._replayed_questions.clear()
@@ -252,6 +341,7 @@ class RaftJob:
         limit = self.params.max_records
         have = len(self._records_before) + self.records_new
         if limit and have >= limit:
+            self.at_record_limit = True
             return (f"record limit reached: {have:,} records of ASYNCRAFT_MAX_RECORDS={limit:,}; raise it and run "
                     "the same command again to continue")
         for stage, rejected in self._rejected.items():

@@ -32,7 +32,7 @@ BLOOM_BLOCK = 4096  # bytes of filter under one CRC
 FILTER_LINE = 64  # bytes: all the bits of one id are in one of these
 BITS_PER_TASK = 10
 PROBES = 7
-NONE, DONE, FAILED, IERR = 0, int(Kind.DONE), int(Kind.FAIL), int(Kind.IERR)
+NONE, DONE, FAILED, IERR, RESOLVED = 0, int(Kind.DONE), int(Kind.FAIL), int(Kind.IERR), int(Kind.RESOLVED)
 
 
 class RunDamage(Exception):
@@ -46,11 +46,14 @@ class RunDamage(Exception):
 
 
 def merge_state(old: int, new: int) -> int:
-    """Done beats everything; a failure beats an input problem and nothing; an input problem only fills nothing."""
+    """Done beats everything; a failure beats an input problem and nothing; a problem resolved beats the problem;
+    an input problem only fills nothing."""
     if old == DONE or new == DONE:
         return DONE
     if old == FAILED or new == FAILED:
         return FAILED
+    if old == RESOLVED or new == RESOLVED:
+        return RESOLVED
     return old or new
 
 
