@@ -108,7 +108,10 @@ def test_metrics_after_a_run_match_the_simulator(sim_factory: Any, tmp_path: Pat
     # --watch keeps the process (and its metrics) up after the input is done.
     run = runs(["--input", str(inp), "--state-dir", str(state), "--watch"], env, tmp_path / "run.log")
     base = run.metrics_url()
-    samples = wait_for(lambda: (s := scrape(base)) and value(s, "asyncraft_tasks", state="done") == N and s,
+    # The state dir's counts move when a batch is committed, the per-stage ones when it is acknowledged (the
+    # next turn of the loop): wait until both have seen the last batch.
+    samples = wait_for(lambda: (s := scrape(base)) and value(s, "asyncraft_tasks", state="done") == N
+                       and value(s, "asyncraft_stage_tasks_total", stage="prompts", result="done") == N and s,
                        60, lambda: f"the run did not finish:\n{run.stderr()}")
     sim_stats = sim.settled_stats()
     assert sim_stats["paid"] == N
