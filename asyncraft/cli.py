@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output layout (batch: OpenAI Batch API output lines, prompts job)")
     ex.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     ex.add_argument("--partial", action="store_true",
-                    help="export although the job is not finished (unfinished lines become \"pending\" rows) or "
-                         "the state dir is damaged (what is readable; what is missing is listed on stderr)")
+                    help="export although the job is not finished (prompts: unfinished lines become \"pending\" "
+                         "rows; raft: the records done so far) or the state dir is damaged (what is readable; what "
+                         "is missing is listed on stderr). Without it an unfinished job exits 75 and writes nothing")
     add("verify", "check every checksum of the journal, runs and snapshots; exit 1 on damage")
     demo = add("demo", "run a job end to end against the built-in simulator")
     demo.add_argument("--dir", default=None, help="where to keep the demo's files (default: a temp dir)")
