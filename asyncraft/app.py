@@ -45,6 +45,7 @@ from asyncraft.progress import Reporter, RunView, StageTally
 from asyncraft.provider import Completion
 from asyncraft.scheduler import Scheduler
 from asyncraft.storage import FS, Recovery, StateDir
+from asyncraft.storage.fs import retry_on_full_disk
 
 if TYPE_CHECKING:
     from asyncraft.remote import Attached, RemoteError, Replicator
@@ -201,18 +202,7 @@ class Runner:
 
     async def _disk_retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Start-up writes on a full disk are retried for ASYNCRAFT_DISK_FULL_WAIT, then the run stops (75)."""
-        deadline = time.monotonic() + self.settings.disk_full_wait
-        delay = 0.5
-        while True:
-            try:
-                return await asyncio.to_thread(fn, *args, **kwargs)
-            except DiskFull as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                pause = min(delay, max(0.0, deadline - time.monotonic()))
-                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, pause)
-                await asyncio.sleep(pause)
-                delay = min(delay * 2, 10.0)
+        return await retry_on_full_disk(lambda: asyncio.to_thread(fn, *args, **kwargs), self.settings.disk_full_wait)
 
     def _write_errors_file(self) -> None:
         self._write_people_file(self.sd.errors_path, b"".join(orjson.dumps(p) + b"\n" for p in self._problems))

@@ -28,7 +28,7 @@ from asyncraft import records
 from asyncraft.errors import DiskFull, JournalError
 from asyncraft.storage import runfile
 from asyncraft.storage.compact import Compacted, compact, manifest_entry
-from asyncraft.storage.fs import FS
+from asyncraft.storage.fs import FS, retry_on_full_disk
 from asyncraft.storage.layout import StateDir, seg_name
 from asyncraft.storage.recover import Recovery
 
@@ -210,18 +210,7 @@ class Journal:
 
     async def _disk_retry(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` on the journal thread; on a full disk, retry for ASYNCRAFT_DISK_FULL_WAIT, then give up."""
-        deadline = time.monotonic() + self._disk_full_wait
-        delay = 0.5
-        while True:
-            try:
-                return await loop.run_in_executor(self._io, fn, *args)
-            except DiskFull as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                pause = min(delay, max(0.0, deadline - time.monotonic()))
-                log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, pause)
-                await asyncio.sleep(pause)
-                delay = min(delay * 2, 10.0)
+        return await retry_on_full_disk(lambda: loop.run_in_executor(self._io, fn, *args), self._disk_full_wait)
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[dict[str, Any], Durable]]) -> None:
         seq = first = self.next_seq

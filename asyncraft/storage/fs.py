@@ -8,15 +8,38 @@ operations so the power-loss tests can rebuild every disk state a power cut coul
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from asyncraft.errors import DiskFull, FsyncFailed, StorageIOError
 from asyncraft.failpoints import Failpoints
+
+log = logging.getLogger("asyncraft")
+T = TypeVar("T")
+
+
+async def retry_on_full_disk(attempt: Callable[[], Awaitable[T]], wait: float) -> T:
+    """Await ``attempt()`` again while it raises DiskFull, backing off, for ``wait`` seconds; then let DiskFull
+    through (the run stops with 75)."""
+    deadline = time.monotonic() + wait
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except DiskFull as exc:
+            if time.monotonic() >= deadline:
+                raise
+            pause = min(delay, max(0.0, deadline - time.monotonic()))
+            log.error("%s; retrying in %.1fs (giving up after ASYNCRAFT_DISK_FULL_WAIT)", exc, pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, 10.0)
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
