@@ -336,15 +336,22 @@ class Simulator:
         self.stats.by_status[str(resp.status)] += 1
         return resp
 
-    async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
+    async def _read_json(self, request: web.Request) -> tuple[Any, bytes] | web.Response:
+        """The request's JSON body and its bytes, or the refusal a server sends (401, or 400 for bad JSON)."""
         denied = self._check_auth(request)
         if denied is not None:
             return denied
         raw = await request.read()
         try:
-            body = orjson.loads(raw)
+            return orjson.loads(raw), raw
         except orjson.JSONDecodeError:
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+
+    async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
+        read = await self._read_json(request)
+        if isinstance(read, web.Response):
+            return read
+        body, raw = read
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             return _error(400, "'messages' is a required property", "invalid_request_error", None)
         model = request.match_info.get("deployment") or body.get("model")
@@ -538,15 +545,11 @@ class Simulator:
     async def _embeddings_inner(self, request: web.Request) -> web.Response:
         self.stats.requests += 1
         self.stats.embeddings += 1
-        denied = self._check_auth(request)
-        if denied is not None:
-            self.stats.by_status["401"] += 1
-            return denied
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            self.stats.by_status["400"] += 1
-            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        read = await self._read_json(request)
+        if isinstance(read, web.Response):
+            self.stats.by_status[str(read.status)] += 1
+            return read
+        body, _raw = read
         model = body.get("model") if isinstance(body, dict) else None
         unknown = self._unknown_model(model) if isinstance(model, str) and model else None
         if unknown is not None:
@@ -587,14 +590,10 @@ class Simulator:
         return resp
 
     async def _completions_inner(self, request: web.Request) -> web.Response:
-        denied = self._check_auth(request)
-        if denied is not None:
-            return denied
-        raw = await request.read()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        read = await self._read_json(request)
+        if isinstance(read, web.Response):
+            return read
+        body, raw = read
         prompt = body.get("prompt") if isinstance(body, dict) else None
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
